@@ -1,0 +1,140 @@
+//! The netfilter program that reports every new NAT binding.
+//!
+//! Attached at NF_INET_POST_ROUTING for IPv4 and IPv6 at priority `INT_MAX - 1`: after every
+//! NAT hook (srcnat is 100) and before conntrack confirm (`INT_MAX`). At that point the first
+//! packet of a new connection carries `ctinfo == IP_CT_NEW` on a conntrack entry not yet
+//! CONFIRMED, and `ct->tuplehash[IP_CT_DIR_REPLY]` already holds the translated address and
+//! port. Every other packet costs a few loads and a compare.
+//!
+//! The section name is `classifier/…` only because aya-obj does not know netfilter sections;
+//! the agent's own loader loads it as `BPF_PROG_TYPE_NETFILTER`.
+#![no_std]
+#![no_main]
+
+use core::ffi::c_void;
+
+use aya_ebpf::{
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    helpers::{bpf_ktime_get_boot_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_buf},
+    macros::map,
+    maps::{PerCpuArray, RingBuf},
+};
+use tracer_common::{LOST_SLOT, NatEvent, OFFSET_ABSENT, ProgramConfig};
+
+/// Verdict: let the packet through. The program only observes.
+const NF_ACCEPT: i32 = 1;
+/// `skb->_nfct` keeps `enum ip_conntrack_info` in its low 3 bits.
+const NFCT_INFOMASK: u64 = 7;
+/// `IP_CT_NEW`.
+const IP_CT_NEW: u64 = 2;
+const IPS_CONFIRMED: u64 = 1 << 3;
+const IPS_NAT_MASK: u64 = (1 << 4) | (1 << 5); // IPS_SRC_NAT | IPS_DST_NAT
+
+#[map(name = "NAT_EVENTS")]
+static NAT_EVENTS: RingBuf = RingBuf::with_byte_size(16 * 1024 * 1024, 0);
+
+#[map(name = "NAT_EVENTS_LOST")]
+static NAT_EVENTS_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Filled by the agent from the running kernel's BTF; `.rodata`, frozen before load.
+#[unsafe(no_mangle)]
+static NAT_CONFIG: ProgramConfig = ProgramConfig {
+    skb_nfct: 0,
+    ct_status: 0,
+    ct_tuple_orig: 0,
+    ct_tuple_reply: 0,
+    ct_zone_id: OFFSET_ABSENT,
+    ct_mark: OFFSET_ABSENT,
+    wakeup_bytes: 0,
+};
+
+/// `struct bpf_nf_ctx { const struct nf_hook_state *state; struct sk_buff *skb; }`.
+#[repr(C)]
+struct BpfNfCtx {
+    state: *const c_void,
+    skb: *const u8,
+}
+
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "classifier/nf_nat")]
+pub extern "C" fn nat_binding(ctx: *mut c_void) -> i32 {
+    // SAFETY: the kernel passes a valid `struct bpf_nf_ctx`; every kernel memory access
+    // below goes through bpf_probe_read_kernel.
+    unsafe { try_nat_binding(ctx.cast::<BpfNfCtx>()) };
+    NF_ACCEPT
+}
+
+#[inline(always)]
+unsafe fn try_nat_binding(ctx: *const BpfNfCtx) -> Option<()> {
+    // SAFETY: read through a volatile load so the compiler keeps the (frozen) global.
+    let cfg = unsafe { core::ptr::read_volatile(&raw const NAT_CONFIG) };
+    let skb = unsafe { (*ctx).skb };
+    let nfct: u64 = unsafe { bpf_probe_read_kernel(skb.add(cfg.skb_nfct as usize).cast()) }.ok()?;
+    // Hot path: all but the first packet of each connection stop here.
+    if nfct & NFCT_INFOMASK != IP_CT_NEW {
+        return None;
+    }
+    let ct = (nfct & !NFCT_INFOMASK) as *const u8;
+    if ct.is_null() {
+        return None;
+    }
+    let status: u64 = unsafe { bpf_probe_read_kernel(ct.add(cfg.ct_status as usize).cast()) }.ok()?;
+    if status & IPS_CONFIRMED != 0 || status & IPS_NAT_MASK == 0 {
+        return None;
+    }
+    report(&cfg, ct, status)
+}
+
+#[inline(always)]
+fn report(cfg: &ProgramConfig, ct: *const u8, status: u64) -> Option<()> {
+    let Some(mut entry) = NAT_EVENTS.reserve::<NatEvent>(0) else {
+        if let Some(lost) = NAT_EVENTS_LOST.get_ptr_mut(LOST_SLOT) {
+            // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+            unsafe { *lost += 1 };
+        }
+        return None;
+    };
+    let ev = entry.as_mut_ptr();
+    // SAFETY: `ev` points at a reserved, exclusively owned ring-buffer slot.
+    unsafe {
+        (*ev).boot_ns = bpf_ktime_get_boot_ns();
+        (*ev).status = status as u32;
+        (*ev).pad0 = 0;
+        (*ev).pad1 = 0;
+        (*ev).zone = if cfg.ct_zone_id == OFFSET_ABSENT {
+            0
+        } else {
+            bpf_probe_read_kernel(ct.add(cfg.ct_zone_id as usize).cast::<u16>()).unwrap_or(0)
+        };
+        (*ev).mark = if cfg.ct_mark == OFFSET_ABSENT {
+            0
+        } else {
+            bpf_probe_read_kernel(ct.add(cfg.ct_mark as usize).cast::<u32>()).unwrap_or(0)
+        };
+        let orig_ok = bpf_probe_read_kernel_buf(ct.add(cfg.ct_tuple_orig as usize), &mut (*ev).orig);
+        let reply_ok = bpf_probe_read_kernel_buf(ct.add(cfg.ct_tuple_reply as usize), &mut (*ev).reply);
+        if orig_ok.is_err() || reply_ok.is_err() {
+            entry.discard(0);
+            return None;
+        }
+    }
+    // Batch wakeups: a wakeup per record halves the NAT's new-binding rate. Wake the agent
+    // only when enough is waiting; otherwise it drains on its own short timer.
+    let flags = if NAT_EVENTS.query(BPF_RB_AVAIL_DATA.into()) >= cfg.wakeup_bytes {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    entry.submit(flags.into());
+    Some(())
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,378 @@
+//! `nattrace run`: the agent. Attaches the capture backend in the current network namespace,
+//! listens for conntrack DESTROY events, merges starts and ends into bindings, reconciles with
+//! conntrack dumps, and writes everything, with coverage and losses, to the data directory.
+
+use std::{
+    io::Write as _,
+    os::fd::{AsRawFd, RawFd},
+    path::PathBuf,
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use log::{debug, error, info, warn};
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    signal::unix::{SignalKind, signal},
+    task::JoinHandle,
+};
+
+use crate::{
+    binding::Binding,
+    capture::{Capture, StartEvent, netfilter},
+    clock::{BootToUtc, now_unix_ns},
+    conntrack::{self, ConntrackSysctls, CtEntry, DestroyListener, RecvOutcome},
+    exit::{Status, UserError},
+    preflight,
+    storage::{self, CoverageEvent, LossCause, Writer},
+    tracker::Tracker,
+};
+
+/// Options of `nattrace run`.
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// Directory of the segment files (created if missing).
+    #[arg(long, env = "NATTRACE_DATA_DIR")]
+    pub data_dir: PathBuf,
+    /// Ring-buffer size in bytes between the eBPF program and the agent: a power-of-two
+    /// multiple of the page size. Larger rides out longer bursts.
+    #[arg(long, default_value_t = 16 * 1024 * 1024, value_parser = parse_ring_bytes)]
+    pub ring_bytes: u32,
+    /// Receive buffer of the ctnetlink DESTROY listener, in bytes. Too small a buffer loses
+    /// end events when many bindings end at once (they are then closed by reconciliation).
+    #[arg(long, default_value_t = 64 * 1024 * 1024)]
+    pub netlink_rcvbuf: usize,
+    /// How often the open bindings are reconciled with a dump of the conntrack table.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub reconcile_interval: Duration,
+}
+
+fn parse_ring_bytes(s: &str) -> Result<u32, String> {
+    let v: u32 = s.parse().map_err(|e| format!("{s:?} is not a byte count: {e}"))?;
+    // SAFETY: sysconf has no preconditions.
+    let page = u32::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+    if v < page || !v.is_power_of_two() {
+        return Err(format!("{v} must be a power of two and at least the page size ({page})"));
+    }
+    Ok(v)
+}
+
+/// How often the ring buffer and the listener are drained when no wakeup came, and pending
+/// work (early ends, loss counters) is looked at.
+const TICK: Duration = Duration::from_millis(100);
+/// How often buffered records are written out (they become queryable then).
+const FLUSH_EVERY: Duration = Duration::from_millis(200);
+/// How often the clock offset is re-measured and a heartbeat written.
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
+
+/// Runs the agent until SIGINT or SIGTERM.
+pub fn run(args: &RunArgs) -> anyhow::Result<Status> {
+    preflight::check_privileges()?;
+    let layout = netfilter::probe().map_err(|e| UserError::environment(format!("{e:#}")))?;
+    let mut writer = Writer::open(&args.data_dir).map_err(|e| {
+        UserError::environment(format!("cannot use data dir {}: {e}", args.data_dir.display()))
+    })?;
+    let previous_open = storage::open_bindings(&args.data_dir)
+        .with_context(|| format!("reading open bindings of earlier runs in {}", args.data_dir.display()))?;
+    writer.append_event(CoverageEvent::AgentStart { t_ns: now_unix_ns(), pid: std::process::id() });
+
+    let sysctls = ConntrackSysctls::enable().map_err(|e| UserError::environment(format!("{e}")))?;
+    // Listen for ends before attaching, so no end of a captured binding is missed.
+    let listener = DestroyListener::new(args.netlink_rcvbuf).map_err(|e| UserError::environment(format!("{e}")))?;
+    let capture = netfilter::NetfilterCapture::attach(&layout, netfilter::Options { ring_bytes: args.ring_bytes })
+        .map_err(|e| UserError::environment(format!("{e:#}")))?;
+    let backend = capture.backend();
+    writer.append_event(CoverageEvent::Attached { t_ns: now_unix_ns(), backend: backend.to_owned() });
+
+    let mut agent = Agent {
+        writer,
+        tracker: Tracker::new(),
+        capture: Box::new(capture),
+        listener,
+        clock: BootToUtc::measure(),
+        lost_seen: 0,
+        out: Vec::new(),
+        starts: Vec::new(),
+        ends: Vec::new(),
+        disk_failing: false,
+    };
+    agent.start_up(previous_open)?;
+    info!(
+        "attached ({backend} backend), {} open bindings; clock offset error <= {} ns",
+        agent.tracker.open_count(),
+        agent.clock.error_ns
+    );
+    println!("ready");
+    std::io::stdout().flush().ok();
+    notify_systemd_ready();
+
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let result = runtime.block_on(agent.event_loop(args.reconcile_interval));
+    let status = agent.shut_down();
+    sysctls.restore().map_err(|e| anyhow::anyhow!("restoring conntrack sysctls: {e}"))?;
+    result?;
+    status
+}
+
+struct Agent {
+    writer: Writer,
+    tracker: Tracker,
+    capture: Box<dyn Capture>,
+    listener: DestroyListener,
+    clock: BootToUtc,
+    /// Ring-buffer losses already recorded.
+    lost_seen: u64,
+    out: Vec<Binding>,
+    starts: Vec<StartEvent>,
+    ends: Vec<CtEntry>,
+    /// The last flush failed; cleared by the next success.
+    disk_failing: bool,
+}
+
+/// Raw fd for tokio's readiness; the owner outlives the registration.
+struct Fd(RawFd);
+
+impl AsRawFd for Fd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
+    }
+}
+
+impl Agent {
+    /// First reconciliation: adopt bindings earlier runs left open, and record entries that
+    /// existed before the agent started.
+    fn start_up(&mut self, previous_open: Vec<Binding>) -> anyhow::Result<()> {
+        let dump_ns = now_unix_ns();
+        let dump = conntrack::dump_table().map_err(|e| UserError::environment(format!("{e}")))?;
+        self.tracker.adopt(previous_open, &dump, dump_ns, &mut self.out);
+        self.store_out();
+        self.finish_reconcile(&dump, dump_ns);
+        self.flush();
+        Ok(())
+    }
+
+    async fn event_loop(&mut self, reconcile_every: Duration) -> anyhow::Result<()> {
+        let ring = AsyncFd::with_interest(Fd(self.capture.wakeup_fd().as_raw_fd()), Interest::READABLE)?;
+        let netlink = AsyncFd::with_interest(Fd(self.listener.as_raw_fd()), Interest::READABLE)?;
+        let mut sigterm = signal(SignalKind::terminate())?;
+        let mut sigint = signal(SignalKind::interrupt())?;
+        let mut tick = tokio::time::interval(TICK);
+        let mut reconcile = tokio::time::interval_at(tokio::time::Instant::now() + reconcile_every, reconcile_every);
+        let mut last_flush = tokio::time::Instant::now();
+        let mut last_heartbeat = tokio::time::Instant::now();
+        let mut dump_task: Option<(i64, JoinHandle<Result<Vec<CtEntry>, conntrack::ConntrackError>>)> = None;
+        let mut reconcile_due = false;
+        loop {
+            tokio::select! {
+                guard = ring.readable() => {
+                    guard?.clear_ready();
+                    self.drain_ring();
+                }
+                guard = netlink.readable() => {
+                    guard?.clear_ready();
+                    reconcile_due |= self.drain_netlink();
+                }
+                _ = tick.tick() => {
+                    self.drain_ring();
+                    reconcile_due |= self.drain_netlink();
+                    reconcile_due |= self.check_ring_losses();
+                    let now = now_unix_ns();
+                    let mut alloc = || self.writer.next_binding_id();
+                    self.tracker.expire(now, &mut alloc, &mut self.out);
+                    self.store_out();
+                    if last_heartbeat.elapsed() >= HEARTBEAT_EVERY {
+                        self.clock = BootToUtc::measure();
+                        self.writer.append_event(CoverageEvent::Heartbeat { t_ns: now });
+                        last_heartbeat = tokio::time::Instant::now();
+                    }
+                    if last_flush.elapsed() >= FLUSH_EVERY {
+                        self.flush();
+                        last_flush = tokio::time::Instant::now();
+                    }
+                }
+                _ = reconcile.tick() => reconcile_due = true,
+                joined = async { (&mut dump_task.as_mut().expect("guarded").1).await }, if dump_task.is_some() => {
+                    let (dump_ns, _) = dump_task.take().expect("guarded");
+                    match joined {
+                        Ok(Ok(dump)) => {
+                            // Every entry in the dump had its start emitted before it was
+                            // confirmed: drain now so the tracker has seen all of them.
+                            self.drain_ring();
+                            reconcile_due |= self.drain_netlink();
+                            self.finish_reconcile(&dump, dump_ns);
+                        }
+                        Ok(Err(e)) => warn!("conntrack dump failed, will retry: {e}"),
+                        Err(e) => warn!("conntrack dump task failed, will retry: {e}"),
+                    }
+                }
+                _ = sigterm.recv() => break,
+                _ = sigint.recv() => break,
+            }
+            if reconcile_due && dump_task.is_none() {
+                reconcile_due = false;
+                let dump_ns = now_unix_ns();
+                dump_task = Some((dump_ns, tokio::task::spawn_blocking(conntrack::dump_table)));
+            }
+        }
+        if let Some((_, task)) = dump_task {
+            task.abort();
+        }
+        Ok(())
+    }
+
+    fn finish_reconcile(&mut self, dump: &[CtEntry], dump_ns: i64) {
+        let mut alloc = || self.writer.next_binding_id();
+        let report = self.tracker.reconcile(dump, dump_ns, &mut alloc, &mut self.out);
+        self.store_out();
+        if report.closed > 0 || report.opened > 0 {
+            info!(
+                "reconciled with {} conntrack entries: {} bindings ended unseen (approximate end), {} live entries had no start (approximate start)",
+                dump.len(),
+                report.closed,
+                report.opened
+            );
+        }
+    }
+
+    fn drain_ring(&mut self) {
+        self.starts.clear();
+        let bad = self.capture.drain(&mut self.starts);
+        if bad > 0 {
+            warn!("{bad} ring-buffer records could not be decoded");
+        }
+        let clock = self.clock;
+        let mut alloc = || self.writer.next_binding_id();
+        for start in &self.starts {
+            self.tracker.on_start(start, clock.to_unix_ns(start.boot_ns), &mut alloc, &mut self.out);
+        }
+        self.store_out();
+    }
+
+    /// Reads queued DESTROY events. Returns true when the listener overran (a reconciliation
+    /// is then needed).
+    fn drain_netlink(&mut self) -> bool {
+        let mut overran = false;
+        loop {
+            self.ends.clear();
+            let outcome = self.listener.drain(&mut self.ends);
+            let now = now_unix_ns();
+            for entry in self.ends.drain(..) {
+                self.tracker.on_destroy(entry, now, &mut self.out);
+            }
+            match outcome {
+                Ok(RecvOutcome::WouldBlock) => break,
+                Ok(RecvOutcome::Overrun) => {
+                    overran = true;
+                    warn!("ctnetlink listener overran (ENOBUFS): DESTROY events lost; reconciling with a conntrack dump");
+                    self.writer.append_event(CoverageEvent::Loss {
+                        t_ns: now,
+                        cause: LossCause::NetlinkOverrun,
+                        count: 1,
+                        detail: "ctnetlink DESTROY events lost (ENOBUFS); affected bindings get approximate ends from the next conntrack dump".into(),
+                    });
+                }
+                Err(e) => {
+                    error!("reading ctnetlink events: {e}");
+                    break;
+                }
+            }
+        }
+        self.store_out();
+        overran
+    }
+
+    /// Records new ring-buffer losses. Returns true when there were some (a reconciliation
+    /// then recovers the starts of bindings still alive).
+    fn check_ring_losses(&mut self) -> bool {
+        let lost = match self.capture.lost() {
+            Ok(n) => n,
+            Err(e) => {
+                warn!("{e}");
+                return false;
+            }
+        };
+        if lost <= self.lost_seen {
+            return false;
+        }
+        let delta = lost - self.lost_seen;
+        self.lost_seen = lost;
+        warn!("ring buffer full: {delta} binding starts lost ({lost} in total); recovering from conntrack");
+        self.writer.append_event(CoverageEvent::Loss {
+            t_ns: now_unix_ns(),
+            cause: LossCause::RingFull,
+            count: delta,
+            detail: "binding starts not captured (ring buffer full); live ones are recovered from the next conntrack dump, ended ones from their DESTROY event, with approximate starts".into(),
+        });
+        true
+    }
+
+    fn store_out(&mut self) {
+        for b in self.out.drain(..) {
+            self.writer.append_binding(&b);
+        }
+    }
+
+    fn flush(&mut self) {
+        match self.writer.flush() {
+            Ok(()) => {
+                if self.disk_failing {
+                    info!("writing segments again");
+                    self.disk_failing = false;
+                }
+            }
+            Err(e) => {
+                // Records stay buffered and are written by a later flush.
+                if !self.disk_failing {
+                    error!("writing segment failed, keeping {} records in memory: {e}", self.writer.buffered_records());
+                    self.writer.append_event(CoverageEvent::Loss {
+                        t_ns: now_unix_ns(),
+                        cause: LossCause::DiskError,
+                        count: 0,
+                        detail: format!("segment write failed ({e}); records held in memory until the disk accepts them"),
+                    });
+                }
+                self.disk_failing = true;
+            }
+        }
+    }
+
+    /// Detaches, drains what is left, records the stop, seals the segment.
+    fn shut_down(mut self) -> anyhow::Result<Status> {
+        self.capture.detach();
+        let detached_ns = now_unix_ns();
+        self.drain_ring();
+        self.drain_netlink();
+        self.check_ring_losses();
+        // Ends still waiting for a start will not get one now.
+        let mut alloc = || self.writer.next_binding_id();
+        self.tracker.expire(i64::MAX, &mut alloc, &mut self.out);
+        self.store_out();
+        self.writer.append_event(CoverageEvent::Detached { t_ns: detached_ns });
+        self.writer.append_event(CoverageEvent::AgentStop { t_ns: now_unix_ns() });
+        debug!("{} bindings still open at stop", self.tracker.open_count());
+        self.writer.close().context("sealing the active segment")?;
+        info!("stopped");
+        Ok(Status::Ok)
+    }
+}
+
+/// Tells systemd (Type=notify) the agent is ready, when started by it.
+fn notify_systemd_ready() {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let socket = match std::os::unix::net::UnixDatagram::unbound() {
+        Ok(s) => s,
+        Err(e) => return warn!("NOTIFY_SOCKET: {e}"),
+    };
+    let bytes = std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str());
+    let sent = if let Some(name) = bytes.strip_prefix(b"@") {
+        use std::os::linux::net::SocketAddrExt as _;
+        std::os::unix::net::SocketAddr::from_abstract_name(name).and_then(|a| socket.send_to_addr(b"READY=1", &a))
+    } else {
+        socket.send_to(b"READY=1", &path)
+    };
+    if let Err(e) = sent {
+        warn!("notifying systemd: {e}");
+    }
+}

@@ -1,0 +1,240 @@
+//! The one place that knows the kernel structures nattrace reads: `sk_buff._nfct`,
+//! `nf_conn` and `nf_conntrack_tuple`. Offsets come from the running kernel's BTF.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::Path,
+};
+
+use tracer_common::{NatEvent, OFFSET_ABSENT, ProgramConfig, TUPLE_BYTES};
+
+use crate::{
+    binding::{Tuple, is_icmp},
+    btf::{Btf, BtfError},
+};
+
+/// Module split BTF that describes `nf_conn` on kernels building conntrack as a module.
+const NF_CONNTRACK_MODULE_BTF: &str = "/sys/kernel/btf/nf_conntrack";
+
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+
+/// Errors deriving the kernel layout.
+#[derive(Debug, thiserror::Error)]
+pub enum LayoutError {
+    /// The BTF could not be read or lacks a needed member.
+    #[error(transparent)]
+    Btf(#[from] BtfError),
+    /// A struct is bigger than the event leaves room for.
+    #[error("kernel struct nf_conntrack_tuple is {size} bytes, nattrace copies at most {max}")]
+    TupleTooLarge { size: u32, max: usize },
+    /// A member has a size the program does not expect.
+    #[error("kernel member {member} is {size} bytes, expected {expected}")]
+    UnexpectedSize { member: &'static str, size: u32, expected: u32 },
+}
+
+/// Byte offsets inside `struct nf_conntrack_tuple`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TupleLayout {
+    src_addr: usize,
+    src_port: usize,
+    l3num: usize,
+    dst_addr: usize,
+    dst_port: usize,
+    protonum: usize,
+    size: usize,
+}
+
+/// What the kernel layout tells the program (offsets) and the agent (how to decode tuples).
+#[derive(Clone, Copy, Debug)]
+pub struct KernelLayout {
+    pub program: ProgramConfig,
+    pub tuple: TupleLayout,
+}
+
+impl KernelLayout {
+    /// Reads the running kernel's BTF (and conntrack's module BTF when conntrack is a module).
+    pub fn from_running_kernel() -> Result<Self, LayoutError> {
+        let vmlinux = Btf::from_sys_fs()?;
+        let module = Path::new(NF_CONNTRACK_MODULE_BTF);
+        let btf = if !vmlinux.has_struct("nf_conn") && module.exists() {
+            vmlinux.with_split_file(module)?
+        } else {
+            vmlinux
+        };
+        Self::from_btf(&btf)
+    }
+
+    /// Derives the layout from parsed BTF.
+    pub fn from_btf(btf: &Btf) -> Result<Self, LayoutError> {
+        let nfct = btf.member("sk_buff", &["_nfct"])?;
+        expect_size("sk_buff._nfct", nfct.size, 8)?;
+        let status = btf.member("nf_conn", &["status"])?;
+        expect_size("nf_conn.status", status.size, 8)?;
+        let orig = btf.member("nf_conn", &["tuplehash[0]", "tuple"])?;
+        let reply = btf.member("nf_conn", &["tuplehash[1]", "tuple"])?;
+        // Zones and marks are optional kernel features (CONFIG_NF_CONNTRACK_ZONES / _MARK).
+        let zone = btf.member("nf_conn", &["zone", "id"]).map_or(OFFSET_ABSENT, |m| m.offset);
+        let mark = btf.member("nf_conn", &["mark"]).map_or(OFFSET_ABSENT, |m| m.offset);
+
+        let t = "nf_conntrack_tuple";
+        let size = btf.struct_size(t)?;
+        if size as usize > TUPLE_BYTES {
+            return Err(LayoutError::TupleTooLarge { size, max: TUPLE_BYTES });
+        }
+        let off = |path: &[&str]| btf.member(t, path).map(|m| m.offset as usize);
+        let tuple = TupleLayout {
+            src_addr: off(&["src", "u3"])?,
+            src_port: off(&["src", "u"])?,
+            l3num: off(&["src", "l3num"])?,
+            dst_addr: off(&["dst", "u3"])?,
+            dst_port: off(&["dst", "u"])?,
+            protonum: off(&["dst", "protonum"])?,
+            size: size as usize,
+        };
+        Ok(Self {
+            program: ProgramConfig {
+                skb_nfct: nfct.offset,
+                ct_status: status.offset,
+                ct_tuple_orig: orig.offset,
+                ct_tuple_reply: reply.offset,
+                ct_zone_id: zone,
+                ct_mark: mark,
+                wakeup_bytes: 0,
+            },
+            tuple,
+        })
+    }
+}
+
+fn expect_size(member: &'static str, size: u32, expected: u32) -> Result<(), LayoutError> {
+    if size == expected { Ok(()) } else { Err(LayoutError::UnexpectedSize { member, size, expected }) }
+}
+
+/// A decoded new-binding event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StartEvent {
+    pub proto: u8,
+    pub orig: Tuple,
+    pub reply: Tuple,
+    pub zone: u16,
+    pub mark: u32,
+    pub status: u32,
+    /// CLOCK_BOOTTIME nanoseconds when the first packet was seen.
+    pub boot_ns: u64,
+}
+
+impl TupleLayout {
+    /// Decodes one raw `nf_conntrack_tuple`; returns the L4 protocol and the tuple, or `None`
+    /// for an address family other than IPv4/IPv6.
+    #[must_use]
+    pub fn decode(&self, raw: &[u8; TUPLE_BYTES]) -> Option<(u8, Tuple)> {
+        let l3num = u16::from_ne_bytes([raw[self.l3num], raw[self.l3num + 1]]);
+        let addr = |at: usize| -> Option<IpAddr> {
+            match l3num {
+                AF_INET => Some(IpAddr::V4(Ipv4Addr::new(raw[at], raw[at + 1], raw[at + 2], raw[at + 3]))),
+                AF_INET6 => {
+                    let mut b = [0u8; 16];
+                    b.copy_from_slice(&raw[at..at + 16]);
+                    Some(IpAddr::V6(Ipv6Addr::from(b)))
+                }
+                _ => None,
+            }
+        };
+        let proto = raw[self.protonum];
+        // Ports and the ICMP echo id are kept in network byte order.
+        let be16 = |at: usize| u16::from_be_bytes([raw[at], raw[at + 1]]);
+        let (src_port, dst_port) =
+            if is_icmp(proto) { (be16(self.src_port), 0) } else { (be16(self.src_port), be16(self.dst_port)) };
+        Some((proto, Tuple { src: addr(self.src_addr)?, dst: addr(self.dst_addr)?, src_port, dst_port }))
+    }
+
+    /// Decodes a ring-buffer record.
+    #[must_use]
+    pub fn decode_event(&self, ev: &NatEvent) -> Option<StartEvent> {
+        let (proto, orig) = self.decode(&ev.orig)?;
+        let (_, reply) = self.decode(&ev.reply)?;
+        Some(StartEvent { proto, orig, reply, zone: ev.zone, mark: ev.mark, status: ev.status, boot_ns: ev.boot_ns })
+    }
+
+    /// Size of the kernel's tuple in bytes.
+    #[must_use]
+    pub fn size(&self) -> usize {
+        self.size
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The layout of Linux 6.x on x86_64, as a fixture independent of the running kernel.
+    fn linux6_layout() -> TupleLayout {
+        TupleLayout { src_addr: 0, src_port: 16, l3num: 18, dst_addr: 20, dst_port: 36, protonum: 38, size: 40 }
+    }
+
+    fn raw_v4(proto: u8, src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> [u8; TUPLE_BYTES] {
+        let mut r = [0u8; TUPLE_BYTES];
+        r[0..4].copy_from_slice(&src);
+        r[16..18].copy_from_slice(&sport.to_be_bytes());
+        r[18..20].copy_from_slice(&AF_INET.to_ne_bytes());
+        r[20..24].copy_from_slice(&dst);
+        r[36..38].copy_from_slice(&dport.to_be_bytes());
+        r[38] = proto;
+        r
+    }
+
+    #[test]
+    fn decodes_ipv4_tcp_event() {
+        let l = linux6_layout();
+        let ev = NatEvent {
+            boot_ns: 42,
+            status: 0x1b0,
+            mark: 7,
+            zone: 3,
+            pad0: 0,
+            pad1: 0,
+            orig: raw_v4(6, [100, 64, 0, 10], 40000, [192, 0, 2, 2], 80),
+            reply: raw_v4(6, [192, 0, 2, 2], 80, [203, 0, 113, 7], 20001),
+        };
+        let s = l.decode_event(&ev).unwrap();
+        assert_eq!(s.proto, 6);
+        assert_eq!(s.orig.src, "100.64.0.10".parse::<IpAddr>().unwrap());
+        assert_eq!((s.orig.src_port, s.orig.dst_port), (40000, 80));
+        assert_eq!(s.reply.dst, "203.0.113.7".parse::<IpAddr>().unwrap());
+        assert_eq!(s.reply.dst_port, 20001);
+        assert_eq!((s.zone, s.mark, s.boot_ns), (3, 7, 42));
+    }
+
+    #[test]
+    fn decodes_ipv6_icmp_echo_id_as_source_port() {
+        let l = linux6_layout();
+        let mut r = [0u8; TUPLE_BYTES];
+        let src: Ipv6Addr = "fd00:64::10".parse().unwrap();
+        let dst: Ipv6Addr = "2001:db8:1::2".parse().unwrap();
+        r[0..16].copy_from_slice(&src.octets());
+        r[16..18].copy_from_slice(&0x1234u16.to_be_bytes());
+        r[18..20].copy_from_slice(&AF_INET6.to_ne_bytes());
+        r[20..36].copy_from_slice(&dst.octets());
+        r[36] = 128; // echo request type, code 0
+        r[38] = 58;
+        let (proto, t) = l.decode(&r).unwrap();
+        assert_eq!(proto, 58);
+        assert_eq!((t.src, t.dst, t.src_port, t.dst_port), (IpAddr::V6(src), IpAddr::V6(dst), 0x1234, 0));
+    }
+
+    #[test]
+    fn unknown_family_is_rejected() {
+        let mut r = raw_v4(6, [1, 2, 3, 4], 1, [5, 6, 7, 8], 2);
+        r[18..20].copy_from_slice(&7u16.to_ne_bytes());
+        assert!(linux6_layout().decode(&r).is_none());
+    }
+
+    #[test]
+    fn running_kernel_layout_matches_linux6_fixture() {
+        let k = KernelLayout::from_running_kernel().expect("running kernel BTF must describe conntrack");
+        assert_eq!(k.tuple, linux6_layout());
+        assert_ne!(k.program.skb_nfct, 0);
+        assert!(k.program.ct_tuple_reply > k.program.ct_tuple_orig);
+    }
+}

@@ -1,0 +1,23 @@
+//! nattrace: records every NAT binding of a Linux CGNAT host and answers "who held this
+//! public address and port at that time".
+//!
+//! Module map: [`capture`] (eBPF backends), [`conntrack`] (ctnetlink ends and dumps),
+//! [`tracker`] (merging starts and ends), [`clock`] (kernel time to UTC), [`storage`]
+//! (segment files, see FORMAT.md), [`query`], [`coverage`], [`stats`] (the CLI's readers),
+//! [`agent`] (`nattrace run`).
+
+pub mod agent;
+pub mod binding;
+pub mod btf;
+pub mod capture;
+pub mod cliparse;
+pub mod clock;
+pub mod conntrack;
+pub mod coverage;
+pub mod exit;
+pub mod output;
+pub mod preflight;
+pub mod query;
+pub mod stats;
+pub mod storage;
+pub mod tracker;
