@@ -1,0 +1,141 @@
+//! Developer and CI tasks for nattrace. `cargo xtask setup | build | test | demo | bench`.
+//!
+//! Every task that needs the toolchain or system packages runs `setup` first; `setup` is
+//! idempotent and does only what is missing.
+
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::Instant,
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "xtask", about = "nattrace developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Install what building and testing need: rust-src for the nightly, bpf-linker built
+    /// against the nightly's own LLVM, and Debian packages (iproute2, nftables, conntrack, …).
+    Setup,
+    /// Build the `nattrace` binary (release), eBPF programs included.
+    Build,
+    /// Everything CI runs: formatting, clippy, unit tests, privileged end-to-end tests.
+    Test {
+        /// Skip the end-to-end tests (they need root and network namespaces).
+        #[arg(long)]
+        no_e2e: bool,
+    },
+    /// The main job on the embedded default: a network-namespace CGNAT lab with the agent,
+    /// traffic, and an investigator's questions answered.
+    Demo,
+    /// Measure the NAT's new-binding rate with and without the tracer, in the same run.
+    Bench,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let started = Instant::now();
+    match cli.task {
+        Task::Setup => setup::run()?,
+        Task::Build => {
+            setup::run()?;
+            build_release()?;
+        }
+        Task::Test { no_e2e } => test(no_e2e)?,
+        Task::Demo => {
+            require_root("demo")?;
+            setup::run()?;
+            let bin = build_release()?;
+            nattrace_e2e::demo::run(&bin)?;
+        }
+        Task::Bench => {
+            require_root("bench")?;
+            setup::run()?;
+            let bin = build_release()?;
+            cargo(&["run", "--release", "--quiet", "-p", "nattrace-e2e", "--bin", "nat-rate"])
+                .env("NATTRACE_BIN", &bin)
+                .status_ok()?;
+        }
+    }
+    eprintln!("xtask: done in {:.0?}", started.elapsed());
+    Ok(())
+}
+
+fn test(no_e2e: bool) -> anyhow::Result<()> {
+    setup::run()?;
+    step("cargo fmt --check", || cargo(&["fmt", "--all", "--check"]).status_ok())?;
+    step("cargo clippy", || cargo(&["clippy", "--all-targets", "--", "-D", "warnings"]).status_ok())?;
+    step("unit tests", || cargo(&["test", "--exclude", "nattrace-e2e", "--workspace", "--exclude", "tracer-ebpf"]).status_ok())?;
+    if no_e2e {
+        eprintln!("xtask: end-to-end tests skipped (--no-e2e)");
+        return Ok(());
+    }
+    require_root("test (end-to-end part)")?;
+    let bin = build_release()?;
+    step("end-to-end tests", || {
+        cargo(&["test", "--release", "-p", "nattrace-e2e", "--", "--test-threads=1"])
+            .env("NATTRACE_BIN", &bin)
+            .status_ok()
+    })
+}
+
+fn build_release() -> anyhow::Result<PathBuf> {
+    step("build nattrace (release)", || cargo(&["build", "--release", "-p", "tracer-user"]).status_ok())?;
+    let bin = workspace_root().join("target/release/nattrace");
+    if !bin.exists() {
+        bail!("build succeeded but {} is missing", bin.display());
+    }
+    Ok(bin)
+}
+
+fn step(name: &str, f: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<()> {
+    eprintln!("xtask: == {name}");
+    let t = Instant::now();
+    f().with_context(|| format!("{name} failed"))?;
+    eprintln!("xtask: == {name}: ok in {:.0?}", t.elapsed());
+    Ok(())
+}
+
+fn require_root(task: &str) -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("`cargo xtask {task}` creates network namespaces and loads eBPF programs: run it as root");
+    }
+    Ok(())
+}
+
+/// The workspace root (xtask lives one level below it).
+pub(crate) fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask has a parent").to_path_buf()
+}
+
+/// A cargo command run from the workspace root with `~/.cargo/bin` on PATH (for bpf-linker).
+fn cargo(args: &[&str]) -> Command {
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.args(args).current_dir(workspace_root()).env("PATH", setup::path_with_cargo_bin());
+    cmd
+}
+
+/// Runs a command and fails unless it exits 0.
+pub(crate) trait StatusOk {
+    fn status_ok(&mut self) -> anyhow::Result<()>;
+}
+
+impl StatusOk for Command {
+    fn status_ok(&mut self) -> anyhow::Result<()> {
+        let status = self.status().with_context(|| format!("cannot start {self:?}"))?;
+        if !status.success() {
+            bail!("{self:?} exited with {status}");
+        }
+        Ok(())
+    }
+}
