@@ -78,7 +78,8 @@ unsafe fn try_nat_binding(ctx: *const BpfNfCtx) -> Option<()> {
     if ct.is_null() {
         return None;
     }
-    let status: u64 = unsafe { bpf_probe_read_kernel(ct.add(cfg.ct_status as usize).cast()) }.ok()?;
+    let status: u64 =
+        unsafe { bpf_probe_read_kernel(ct.add(cfg.ct_status as usize).cast()) }.ok()?;
     if status & IPS_CONFIRMED != 0 || status & IPS_NAT_MASK == 0 {
         return None;
     }
@@ -111,8 +112,10 @@ fn report(cfg: &ProgramConfig, ct: *const u8, status: u64) -> Option<()> {
         } else {
             bpf_probe_read_kernel(ct.add(cfg.ct_mark as usize).cast::<u32>()).unwrap_or(0)
         };
-        let orig_ok = bpf_probe_read_kernel_buf(ct.add(cfg.ct_tuple_orig as usize), &mut (*ev).orig);
-        let reply_ok = bpf_probe_read_kernel_buf(ct.add(cfg.ct_tuple_reply as usize), &mut (*ev).reply);
+        let orig_ok =
+            bpf_probe_read_kernel_buf(ct.add(cfg.ct_tuple_orig as usize), &mut (*ev).orig);
+        let reply_ok =
+            bpf_probe_read_kernel_buf(ct.add(cfg.ct_tuple_reply as usize), &mut (*ev).reply);
         if orig_ok.is_err() || reply_ok.is_err() {
             entry.discard(0);
             return None;

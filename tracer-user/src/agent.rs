@@ -48,11 +48,15 @@ pub struct RunArgs {
 }
 
 fn parse_ring_bytes(s: &str) -> Result<u32, String> {
-    let v: u32 = s.parse().map_err(|e| format!("{s:?} is not a byte count: {e}"))?;
+    let v: u32 = s
+        .parse()
+        .map_err(|e| format!("{s:?} is not a byte count: {e}"))?;
     // SAFETY: sysconf has no preconditions.
     let page = u32::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
     if v < page || !v.is_power_of_two() {
-        return Err(format!("{v} must be a power of two and at least the page size ({page})"));
+        return Err(format!(
+            "{v} must be a power of two and at least the page size ({page})"
+        ));
     }
     Ok(v)
 }
@@ -68,21 +72,40 @@ const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
 /// Runs the agent until SIGINT or SIGTERM.
 pub fn run(args: &RunArgs) -> anyhow::Result<Status> {
     preflight::check_privileges()?;
-    let layout = netfilter::probe().map_err(|e| UserError::environment(format!("{e:#}")))?;
+    let layout = netfilter::probe().map_err(environment)?;
     let mut writer = Writer::open(&args.data_dir).map_err(|e| {
-        UserError::environment(format!("cannot use data dir {}: {e}", args.data_dir.display()))
+        UserError::environment(format!(
+            "cannot use data dir {}: {}",
+            args.data_dir.display(),
+            with_causes(e)
+        ))
     })?;
-    let previous_open = storage::open_bindings(&args.data_dir)
-        .with_context(|| format!("reading open bindings of earlier runs in {}", args.data_dir.display()))?;
-    writer.append_event(CoverageEvent::AgentStart { t_ns: now_unix_ns(), pid: std::process::id() });
+    let previous_open = storage::open_bindings(&args.data_dir).with_context(|| {
+        format!(
+            "reading open bindings of earlier runs in {}",
+            args.data_dir.display()
+        )
+    })?;
+    writer.append_event(CoverageEvent::AgentStart {
+        t_ns: now_unix_ns(),
+        pid: std::process::id(),
+    });
 
-    let sysctls = ConntrackSysctls::enable().map_err(|e| UserError::environment(format!("{e}")))?;
+    let sysctls = ConntrackSysctls::enable().map_err(environment)?;
     // Listen for ends before attaching, so no end of a captured binding is missed.
-    let listener = DestroyListener::new(args.netlink_rcvbuf).map_err(|e| UserError::environment(format!("{e}")))?;
-    let capture = netfilter::NetfilterCapture::attach(&layout, netfilter::Options { ring_bytes: args.ring_bytes })
-        .map_err(|e| UserError::environment(format!("{e:#}")))?;
+    let listener = DestroyListener::new(args.netlink_rcvbuf).map_err(environment)?;
+    let capture = netfilter::NetfilterCapture::attach(
+        &layout,
+        netfilter::Options {
+            ring_bytes: args.ring_bytes,
+        },
+    )
+    .map_err(environment)?;
     let backend = capture.backend();
-    writer.append_event(CoverageEvent::Attached { t_ns: now_unix_ns(), backend: backend.to_owned() });
+    writer.append_event(CoverageEvent::Attached {
+        t_ns: now_unix_ns(),
+        backend: backend.to_owned(),
+    });
 
     let mut agent = Agent {
         writer,
@@ -106,10 +129,14 @@ pub fn run(args: &RunArgs) -> anyhow::Result<Status> {
     std::io::stdout().flush().ok();
     notify_systemd_ready();
 
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let result = runtime.block_on(agent.event_loop(args.reconcile_interval));
     let status = agent.shut_down();
-    sysctls.restore().map_err(|e| anyhow::anyhow!("restoring conntrack sysctls: {e}"))?;
+    sysctls
+        .restore()
+        .map_err(|e| anyhow::anyhow!("restoring conntrack sysctls: {e}"))?;
     result?;
     status
 }
@@ -143,8 +170,9 @@ impl Agent {
     /// existed before the agent started.
     fn start_up(&mut self, previous_open: Vec<Binding>) -> anyhow::Result<()> {
         let dump_ns = now_unix_ns();
-        let dump = conntrack::dump_table().map_err(|e| UserError::environment(format!("{e}")))?;
-        self.tracker.adopt(previous_open, &dump, dump_ns, &mut self.out);
+        let dump = conntrack::dump_table().map_err(environment)?;
+        self.tracker
+            .adopt(previous_open, &dump, dump_ns, &mut self.out);
         self.store_out();
         self.finish_reconcile(&dump, dump_ns);
         self.flush();
@@ -152,15 +180,32 @@ impl Agent {
     }
 
     async fn event_loop(&mut self, reconcile_every: Duration) -> anyhow::Result<()> {
-        let ring = AsyncFd::with_interest(Fd(self.capture.wakeup_fd().as_raw_fd()), Interest::READABLE)?;
-        let netlink = AsyncFd::with_interest(Fd(self.listener.as_raw_fd()), Interest::READABLE)?;
+        // SAFETY: both fds belong to `self` (the capture's ring buffer and the listener's
+        // socket), which outlives this function and so both registrations.
+        let ring = unsafe {
+            AsyncFd::register_with_interest(
+                Fd(self.capture.wakeup_fd().as_raw_fd()),
+                Interest::READABLE,
+            )
+        }
+        .map_err(|e| anyhow::anyhow!("registering the ring buffer with tokio: {e}"))?;
+        let netlink = unsafe {
+            AsyncFd::register_with_interest(Fd(self.listener.as_raw_fd()), Interest::READABLE)
+        }
+        .map_err(|e| anyhow::anyhow!("registering the ctnetlink socket with tokio: {e}"))?;
         let mut sigterm = signal(SignalKind::terminate())?;
         let mut sigint = signal(SignalKind::interrupt())?;
         let mut tick = tokio::time::interval(TICK);
-        let mut reconcile = tokio::time::interval_at(tokio::time::Instant::now() + reconcile_every, reconcile_every);
+        let mut reconcile = tokio::time::interval_at(
+            tokio::time::Instant::now() + reconcile_every,
+            reconcile_every,
+        );
         let mut last_flush = tokio::time::Instant::now();
         let mut last_heartbeat = tokio::time::Instant::now();
-        let mut dump_task: Option<(i64, JoinHandle<Result<Vec<CtEntry>, conntrack::ConntrackError>>)> = None;
+        let mut dump_task: Option<(
+            i64,
+            JoinHandle<Result<Vec<CtEntry>, conntrack::ConntrackError>>,
+        )> = None;
         let mut reconcile_due = false;
         loop {
             tokio::select! {
@@ -222,7 +267,9 @@ impl Agent {
 
     fn finish_reconcile(&mut self, dump: &[CtEntry], dump_ns: i64) {
         let mut alloc = || self.writer.next_binding_id();
-        let report = self.tracker.reconcile(dump, dump_ns, &mut alloc, &mut self.out);
+        let report = self
+            .tracker
+            .reconcile(dump, dump_ns, &mut alloc, &mut self.out);
         self.store_out();
         if report.closed > 0 || report.opened > 0 {
             info!(
@@ -243,7 +290,12 @@ impl Agent {
         let clock = self.clock;
         let mut alloc = || self.writer.next_binding_id();
         for start in &self.starts {
-            self.tracker.on_start(start, clock.to_unix_ns(start.boot_ns), &mut alloc, &mut self.out);
+            self.tracker.on_start(
+                start,
+                clock.to_unix_ns(start.boot_ns),
+                &mut alloc,
+                &mut self.out,
+            );
         }
         self.store_out();
     }
@@ -263,7 +315,9 @@ impl Agent {
                 Ok(RecvOutcome::WouldBlock) => break,
                 Ok(RecvOutcome::Overrun) => {
                     overran = true;
-                    warn!("ctnetlink listener overran (ENOBUFS): DESTROY events lost; reconciling with a conntrack dump");
+                    warn!(
+                        "ctnetlink listener overran (ENOBUFS): DESTROY events lost; reconciling with a conntrack dump"
+                    );
                     self.writer.append_event(CoverageEvent::Loss {
                         t_ns: now,
                         cause: LossCause::NetlinkOverrun,
@@ -296,7 +350,9 @@ impl Agent {
         }
         let delta = lost - self.lost_seen;
         self.lost_seen = lost;
-        warn!("ring buffer full: {delta} binding starts lost ({lost} in total); recovering from conntrack");
+        warn!(
+            "ring buffer full: {delta} binding starts lost ({lost} in total); recovering from conntrack"
+        );
         self.writer.append_event(CoverageEvent::Loss {
             t_ns: now_unix_ns(),
             cause: LossCause::RingFull,
@@ -323,7 +379,10 @@ impl Agent {
             Err(e) => {
                 // Records stay buffered and are written by a later flush.
                 if !self.disk_failing {
-                    error!("writing segment failed, keeping {} records in memory: {e}", self.writer.buffered_records());
+                    error!(
+                        "writing segment failed, keeping {} records in memory: {e}",
+                        self.writer.buffered_records()
+                    );
                     self.writer.append_event(CoverageEvent::Loss {
                         t_ns: now_unix_ns(),
                         cause: LossCause::DiskError,
@@ -347,13 +406,26 @@ impl Agent {
         let mut alloc = || self.writer.next_binding_id();
         self.tracker.expire(i64::MAX, &mut alloc, &mut self.out);
         self.store_out();
-        self.writer.append_event(CoverageEvent::Detached { t_ns: detached_ns });
-        self.writer.append_event(CoverageEvent::AgentStop { t_ns: now_unix_ns() });
+        self.writer
+            .append_event(CoverageEvent::Detached { t_ns: detached_ns });
+        self.writer.append_event(CoverageEvent::AgentStop {
+            t_ns: now_unix_ns(),
+        });
         debug!("{} bindings still open at stop", self.tracker.open_count());
         self.writer.close().context("sealing the active segment")?;
         info!("stopped");
         Ok(Status::Ok)
     }
+}
+
+/// An error and all its causes on one line ("a: b: c").
+fn with_causes(e: impl std::error::Error + Send + Sync + 'static) -> String {
+    format!("{:#}", anyhow::Error::new(e))
+}
+
+/// A kernel or system error that stops the agent: exit status 4, with its causes.
+fn environment(e: impl std::error::Error + Send + Sync + 'static) -> UserError {
+    UserError::environment(with_causes(e))
 }
 
 /// Tells systemd (Type=notify) the agent is ready, when started by it.
@@ -368,7 +440,8 @@ fn notify_systemd_ready() {
     let bytes = std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str());
     let sent = if let Some(name) = bytes.strip_prefix(b"@") {
         use std::os::linux::net::SocketAddrExt as _;
-        std::os::unix::net::SocketAddr::from_abstract_name(name).and_then(|a| socket.send_to_addr(b"READY=1", &a))
+        std::os::unix::net::SocketAddr::from_abstract_name(name)
+            .and_then(|a| socket.send_to_addr(b"READY=1", &a))
     } else {
         socket.send_to(b"READY=1", &path)
     };

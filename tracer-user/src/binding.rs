@@ -183,7 +183,11 @@ fn orig_dst_port(proto: u8, t: &Tuple) -> u16 {
 /// A port of the reply tuple: the reply source port (`src = true`) or destination port.
 /// For ICMP echo both sides share the (possibly translated) identifier in `src_port`.
 fn reply_port(proto: u8, t: &Tuple, src: bool) -> u16 {
-    if is_icmp(proto) || src { t.src_port } else { t.dst_port }
+    if is_icmp(proto) || src {
+        t.src_port
+    } else {
+        t.dst_port
+    }
 }
 
 #[cfg(test)]
@@ -202,8 +206,18 @@ mod tests {
             zone: 0,
             mark: 0,
             status: IPS_SRC_NAT | IPS_CONFIRMED,
-            orig: Tuple { src: v4("100.64.0.10"), dst: v4("192.0.2.2"), src_port: 40000, dst_port: 80 },
-            reply: Tuple { src: v4("192.0.2.2"), dst: v4("203.0.113.7"), src_port: 80, dst_port: 20001 },
+            orig: Tuple {
+                src: v4("100.64.0.10"),
+                dst: v4("192.0.2.2"),
+                src_port: 40000,
+                dst_port: 80,
+            },
+            reply: Tuple {
+                src: v4("192.0.2.2"),
+                dst: v4("203.0.113.7"),
+                src_port: 80,
+                dst_port: 20001,
+            },
             start_ns: 0,
             start_approximate: false,
             start_source: StartSource::Ring,
@@ -225,8 +239,18 @@ mod tests {
             zone: 0,
             mark: 0,
             status: IPS_SRC_NAT,
-            orig: Tuple { src: v4("100.64.0.10"), dst: v4("192.0.2.2"), src_port: 7, dst_port: 0 },
-            reply: Tuple { src: v4("192.0.2.2"), dst: v4("203.0.113.7"), src_port: 9, dst_port: 0 },
+            orig: Tuple {
+                src: v4("100.64.0.10"),
+                dst: v4("192.0.2.2"),
+                src_port: 7,
+                dst_port: 0,
+            },
+            reply: Tuple {
+                src: v4("192.0.2.2"),
+                dst: v4("203.0.113.7"),
+                src_port: 9,
+                dst_port: 0,
+            },
             start_ns: 0,
             start_approximate: false,
             start_source: StartSource::Ring,
@@ -248,8 +272,18 @@ mod tests {
             zone: 0,
             mark: 0,
             status: IPS_DST_NAT,
-            orig: Tuple { src: v4("198.51.100.9"), dst: v4("203.0.113.7"), src_port: 5555, dst_port: 8080 },
-            reply: Tuple { src: v4("100.64.0.10"), dst: v4("198.51.100.9"), src_port: 80, dst_port: 5555 },
+            orig: Tuple {
+                src: v4("198.51.100.9"),
+                dst: v4("203.0.113.7"),
+                src_port: 5555,
+                dst_port: 8080,
+            },
+            reply: Tuple {
+                src: v4("100.64.0.10"),
+                dst: v4("198.51.100.9"),
+                src_port: 80,
+                dst_port: 5555,
+            },
             start_ns: 0,
             start_approximate: false,
             start_source: StartSource::Ring,

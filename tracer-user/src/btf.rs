@@ -71,12 +71,23 @@ struct Member {
 enum Type {
     Void,
     /// Struct or union.
-    Composite { name: String, size: u32, members: Vec<Member> },
-    Array { elem: u32, len: u32 },
+    Composite {
+        name: String,
+        size: u32,
+        members: Vec<Member>,
+    },
+    Array {
+        elem: u32,
+        len: u32,
+    },
     /// Typedef, const, volatile, restrict, type tag: refers to another type.
-    Alias { target: u32 },
+    Alias {
+        target: u32,
+    },
     /// Anything else with a size (int, enum, float, pointer).
-    Sized { size: u32 },
+    Sized {
+        size: u32,
+    },
     Other,
 }
 
@@ -127,7 +138,10 @@ impl Btf {
     pub fn parse(data: &[u8], base: Option<&Btf>) -> Result<Self, BtfError> {
         let rd = Reader { data };
         if rd.u16(0)? != BTF_MAGIC {
-            return Err(BtfError::Malformed { offset: 0, reason: "bad magic (big-endian BTF is not supported)" });
+            return Err(BtfError::Malformed {
+                offset: 0,
+                reason: "bad magic (big-endian BTF is not supported)",
+            });
         }
         let hdr_len = rd.u32(4)? as usize;
         let type_off = rd.u32(8)? as usize;
@@ -138,7 +152,10 @@ impl Btf {
         let types_end = types_start + type_len;
         let strs_start = hdr_len + str_off;
         if types_end > data.len() || strs_start + str_len > data.len() {
-            return Err(BtfError::Malformed { offset: 4, reason: "sections run past the end" });
+            return Err(BtfError::Malformed {
+                offset: 4,
+                reason: "sections run past the end",
+            });
         }
         let strings = &data[strs_start..strs_start + str_len];
         let (mut types, base_strings_len) = match base {
@@ -156,7 +173,10 @@ impl Btf {
                 // for names we look up, so keep it anonymous.
                 return Ok(String::new());
             };
-            let tail = s.get(off..).ok_or(BtfError::Malformed { offset: strs_start + off, reason: "string offset out of range" })?;
+            let tail = s.get(off..).ok_or(BtfError::Malformed {
+                offset: strs_start + off,
+                reason: "string offset out of range",
+            })?;
             let end = tail.iter().position(|&b| b == 0).unwrap_or(tail.len());
             Ok(String::from_utf8_lossy(&tail[..end]).into_owned())
         };
@@ -193,9 +213,18 @@ impl Btf {
                         } else {
                             (m_off, false)
                         };
-                        members.push(Member { name: name_at(m_name)?, type_id: m_type, bit_offset, bitfield });
+                        members.push(Member {
+                            name: name_at(m_name)?,
+                            type_id: m_type,
+                            bit_offset,
+                            bitfield,
+                        });
                     }
-                    Type::Composite { name: name_at(name_off)?, size: size_or_type, members }
+                    Type::Composite {
+                        name: name_at(name_off)?,
+                        size: size_or_type,
+                        members,
+                    }
                 }
                 KIND_ENUM => {
                     pos += 8 * vlen;
@@ -207,7 +236,9 @@ impl Btf {
                 }
                 KIND_FLOAT => Type::Sized { size: size_or_type },
                 KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_TYPE_TAG => {
-                    Type::Alias { target: size_or_type }
+                    Type::Alias {
+                        target: size_or_type,
+                    }
                 }
                 KIND_FWD | KIND_FUNC => Type::Other,
                 KIND_FUNC_PROTO => {
@@ -222,12 +253,20 @@ impl Btf {
                     pos += 12 * vlen;
                     Type::Other
                 }
-                _ => return Err(BtfError::Malformed { offset: pos - 12, reason: "unknown type kind" }),
+                _ => {
+                    return Err(BtfError::Malformed {
+                        offset: pos - 12,
+                        reason: "unknown type kind",
+                    });
+                }
             };
             types.push(ty);
         }
         if pos != types_end {
-            return Err(BtfError::Malformed { offset: pos, reason: "type section length mismatch" });
+            return Err(BtfError::Malformed {
+                offset: pos,
+                reason: "type section length mismatch",
+            });
         }
         let mut structs = base.map(|b| b.structs.clone()).unwrap_or_default();
         let first_new = base.map_or(0, |b| b.types.len());
@@ -236,10 +275,16 @@ impl Btf {
                 && !name.is_empty()
             {
                 // The first definition wins; duplicates are identical in practice.
-                structs.entry(name.clone()).or_insert(u32::try_from(id).expect("BTF type ids fit u32"));
+                structs
+                    .entry(name.clone())
+                    .or_insert(u32::try_from(id).expect("BTF type ids fit u32"));
             }
         }
-        Ok(Self { types, structs, strings_len: base_strings_len + str_len })
+        Ok(Self {
+            types,
+            structs,
+            strings_len: base_strings_len + str_len,
+        })
     }
 
     /// Whether the BTF describes a struct of that name.
@@ -265,34 +310,51 @@ impl Btf {
                 Some((n, rest)) => (n, rest.trim_end_matches(']').parse::<u32>().ok()),
                 None => (*step, None),
             };
-            let (bit_off, member_type, bitfield) = self
-                .find_member(id, name)
-                .ok_or_else(|| BtfError::NoMember { ty: current.clone(), member: (*step).to_owned() })?;
+            let (bit_off, member_type, bitfield) =
+                self.find_member(id, name)
+                    .ok_or_else(|| BtfError::NoMember {
+                        ty: current.clone(),
+                        member: (*step).to_owned(),
+                    })?;
             if bitfield || bit_off % 8 != 0 {
-                return Err(BtfError::Bitfield { ty: current.clone(), member: (*step).to_owned() });
+                return Err(BtfError::Bitfield {
+                    ty: current.clone(),
+                    member: (*step).to_owned(),
+                });
             }
             offset += bit_off / 8;
             id = self.resolve(member_type);
             if let Some(i) = index {
                 let Type::Array { elem, len } = self.types[id as usize] else {
-                    return Err(BtfError::NoMember { ty: current.clone(), member: (*step).to_owned() });
+                    return Err(BtfError::NoMember {
+                        ty: current.clone(),
+                        member: (*step).to_owned(),
+                    });
                 };
                 if i >= len {
-                    return Err(BtfError::NoMember { ty: current.clone(), member: (*step).to_owned() });
+                    return Err(BtfError::NoMember {
+                        ty: current.clone(),
+                        member: (*step).to_owned(),
+                    });
                 }
                 offset += i * self.size_of(elem);
                 id = self.resolve(elem);
             }
             current = format!("{current}.{step}");
         }
-        Ok(MemberInfo { offset, size: self.size_of(id) })
+        Ok(MemberInfo {
+            offset,
+            size: self.size_of(id),
+        })
     }
 
     fn struct_id(&self, name: &str) -> Result<u32, BtfError> {
         self.structs
             .get(name)
             .copied()
-            .ok_or_else(|| BtfError::NoStruct { name: name.to_owned() })
+            .ok_or_else(|| BtfError::NoStruct {
+                name: name.to_owned(),
+            })
     }
 
     /// Finds a member by name in a struct/union, descending into anonymous members.
@@ -343,14 +405,20 @@ impl Reader<'_> {
         self.data
             .get(at..at + 4)
             .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
-            .ok_or(BtfError::Malformed { offset: at, reason: "truncated" })
+            .ok_or(BtfError::Malformed {
+                offset: at,
+                reason: "truncated",
+            })
     }
 
     fn u16(&self, at: usize) -> Result<u16, BtfError> {
         self.data
             .get(at..at + 2)
             .map(|b| u16::from_le_bytes(b.try_into().expect("2 bytes")))
-            .ok_or(BtfError::Malformed { offset: at, reason: "truncated" })
+            .ok_or(BtfError::Malformed {
+                offset: at,
+                reason: "truncated",
+            })
     }
 }
 
@@ -367,7 +435,10 @@ pub(crate) mod tests {
 
     impl Builder {
         pub(crate) fn new() -> Self {
-            Self { types: Vec::new(), strings: vec![0] }
+            Self {
+                types: Vec::new(),
+                strings: vec![0],
+            }
         }
 
         fn s(&mut self, name: &str) -> u32 {
@@ -405,9 +476,21 @@ pub(crate) mod tests {
         }
 
         /// members: (name, type id, byte offset)
-        pub(crate) fn composite(&mut self, union: bool, name: &str, size: u32, members: &[(&str, u32, u32)]) {
+        pub(crate) fn composite(
+            &mut self,
+            union: bool,
+            name: &str,
+            size: u32,
+            members: &[(&str, u32, u32)],
+        ) {
             let kind = if union { KIND_UNION } else { KIND_STRUCT };
-            self.head(name, kind, u32::try_from(members.len()).unwrap(), false, size);
+            self.head(
+                name,
+                kind,
+                u32::try_from(members.len()).unwrap(),
+                false,
+                size,
+            );
             for (m, ty, off) in members {
                 let n = self.s(m);
                 for v in [n, *ty, off * 8] {
@@ -439,17 +522,40 @@ pub(crate) mod tests {
         b.composite(false, "inner", 8, &[("a", 1, 0), ("b", 3, 4)]); // 4
         b.array(4, 2); // 5: inner[2]
         b.composite(true, "", 4, &[("x", 1, 0), ("y", 3, 0)]); // 6: anonymous union
-        b.composite(false, "outer", 32, &[("first", 1, 0), ("", 6, 4), ("pair", 5, 8), ("last", 3, 24)]); // 7
+        b.composite(
+            false,
+            "outer",
+            32,
+            &[("first", 1, 0), ("", 6, 4), ("pair", 5, 8), ("last", 3, 24)],
+        ); // 7
         Btf::parse(&b.build(), None).unwrap()
     }
 
     #[test]
     fn finds_nested_and_anonymous_members() {
         let btf = sample();
-        assert_eq!(btf.member("outer", &["first"]).unwrap(), MemberInfo { offset: 0, size: 4 });
-        assert_eq!(btf.member("outer", &["y"]).unwrap(), MemberInfo { offset: 4, size: 2 });
-        assert_eq!(btf.member("outer", &["pair"]).unwrap(), MemberInfo { offset: 8, size: 16 });
-        assert_eq!(btf.member("outer", &["pair[1]", "b"]).unwrap(), MemberInfo { offset: 20, size: 2 });
+        assert_eq!(
+            btf.member("outer", &["first"]).unwrap(),
+            MemberInfo { offset: 0, size: 4 }
+        );
+        assert_eq!(
+            btf.member("outer", &["y"]).unwrap(),
+            MemberInfo { offset: 4, size: 2 }
+        );
+        assert_eq!(
+            btf.member("outer", &["pair"]).unwrap(),
+            MemberInfo {
+                offset: 8,
+                size: 16
+            }
+        );
+        assert_eq!(
+            btf.member("outer", &["pair[1]", "b"]).unwrap(),
+            MemberInfo {
+                offset: 20,
+                size: 2
+            }
+        );
         assert_eq!(btf.member("outer", &["last"]).unwrap().offset, 24);
         assert_eq!(btf.struct_size("outer").unwrap(), 32);
     }
@@ -457,9 +563,18 @@ pub(crate) mod tests {
     #[test]
     fn missing_struct_member_and_index_are_errors() {
         let btf = sample();
-        assert!(matches!(btf.member("nope", &["a"]), Err(BtfError::NoStruct { .. })));
-        assert!(matches!(btf.member("outer", &["zzz"]), Err(BtfError::NoMember { .. })));
-        assert!(matches!(btf.member("outer", &["pair[2]"]), Err(BtfError::NoMember { .. })));
+        assert!(matches!(
+            btf.member("nope", &["a"]),
+            Err(BtfError::NoStruct { .. })
+        ));
+        assert!(matches!(
+            btf.member("outer", &["zzz"]),
+            Err(BtfError::NoMember { .. })
+        ));
+        assert!(matches!(
+            btf.member("outer", &["pair[2]"]),
+            Err(BtfError::NoMember { .. })
+        ));
     }
 
     #[test]
@@ -470,7 +585,10 @@ pub(crate) mod tests {
         assert!(Btf::parse(&bytes, None).is_err());
         let mut bytes = sample_bytes();
         bytes[0] = 0;
-        assert!(matches!(Btf::parse(&bytes, None), Err(BtfError::Malformed { .. })));
+        assert!(matches!(
+            Btf::parse(&bytes, None),
+            Err(BtfError::Malformed { .. })
+        ));
     }
 
     fn sample_bytes() -> Vec<u8> {
@@ -491,6 +609,11 @@ pub(crate) mod tests {
         let reply = btf.member("nf_conn", &["tuplehash[1]", "tuple"]).unwrap();
         assert!(reply.offset > orig.offset);
         assert_eq!(btf.struct_size("nf_conntrack_tuple").unwrap(), 40);
-        assert_eq!(btf.member("nf_conntrack_tuple", &["dst", "protonum"]).unwrap().size, 1);
+        assert_eq!(
+            btf.member("nf_conntrack_tuple", &["dst", "protonum"])
+                .unwrap()
+                .size,
+            1
+        );
     }
 }

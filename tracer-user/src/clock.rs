@@ -30,7 +30,10 @@ pub fn now_boot_ns() -> i64 {
 }
 
 fn clock_ns(clock: libc::clockid_t) -> i64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: valid pointer to a timespec; these clocks always exist on Linux.
     let rc = unsafe { libc::clock_gettime(clock, &raw mut ts) };
     assert_eq!(rc, 0, "clock_gettime({clock}) failed");
@@ -55,12 +58,18 @@ impl BootToUtc {
 
     /// Measures with a sampling function returning (BOOTTIME, REALTIME, BOOTTIME).
     pub fn measure_with(mut sample: impl FnMut() -> (i64, i64, i64)) -> Self {
-        let mut best = Self { offset_ns: 0, error_ns: i64::MAX };
+        let mut best = Self {
+            offset_ns: 0,
+            error_ns: i64::MAX,
+        };
         for _ in 0..7 {
             let (b1, real, b2) = sample();
-            let error_ns = (b2 - b1).max(0).div_ceil(2);
+            let error_ns = ((b2 - b1).max(0) + 1) / 2;
             if error_ns < best.error_ns {
-                best = Self { offset_ns: real - (b1 + (b2 - b1) / 2), error_ns };
+                best = Self {
+                    offset_ns: real - (b1 + (b2 - b1) / 2),
+                    error_ns,
+                };
             }
         }
         best
@@ -69,7 +78,9 @@ impl BootToUtc {
     /// Converts a CLOCK_BOOTTIME stamp to nanoseconds since the Unix epoch, UTC.
     #[must_use]
     pub fn to_unix_ns(&self, boot_ns: u64) -> i64 {
-        i64::try_from(boot_ns).unwrap_or(i64::MAX).saturating_add(self.offset_ns)
+        i64::try_from(boot_ns)
+            .unwrap_or(i64::MAX)
+            .saturating_add(self.offset_ns)
     }
 }
 
@@ -79,7 +90,11 @@ mod tests {
 
     #[test]
     fn picks_the_narrowest_sample() {
-        let samples = [(100, 1_000_150, 200), (300, 1_000_305, 310), (400, 1_000_500, 700)];
+        let samples = [
+            (100, 1_000_150, 200),
+            (300, 1_000_305, 310),
+            (400, 1_000_500, 700),
+        ];
         let mut i = 0;
         let m = BootToUtc::measure_with(|| {
             let s = samples[i % samples.len()];
@@ -94,7 +109,11 @@ mod tests {
     #[test]
     fn converted_now_matches_realtime_within_a_millisecond() {
         let m = BootToUtc::measure();
-        assert!(m.error_ns < 1_000_000, "measurement window {} ns", m.error_ns);
+        assert!(
+            m.error_ns < 1_000_000,
+            "measurement window {} ns",
+            m.error_ns
+        );
         let boot = u64::try_from(now_boot_ns()).unwrap();
         let real = now_unix_ns();
         assert!((m.to_unix_ns(boot) - real).abs() < 1_000_000);

@@ -27,11 +27,17 @@ pub struct UserError {
 
 impl UserError {
     pub fn bad_input(message: impl Into<String>) -> Self {
-        Self { status: Status::BadInput, message: message.into() }
+        Self {
+            status: Status::BadInput,
+            message: message.into(),
+        }
     }
 
     pub fn environment(message: impl Into<String>) -> Self {
-        Self { status: Status::Environment, message: message.into() }
+        Self {
+            status: Status::Environment,
+            message: message.into(),
+        }
     }
 }
 

@@ -3,7 +3,11 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use tracer_user::{agent, coverage, exit::{Status, UserError}, query, stats};
+use tracer_user::{
+    agent, coverage,
+    exit::{Status, UserError},
+    query, stats,
+};
 
 /// Records every NAT binding of this host and answers "who held this public address and
 /// port at that time". See README.md.

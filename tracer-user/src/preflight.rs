@@ -11,8 +11,11 @@ const CAP_BPF: u32 = 39;
 /// Fails unless the process may load and attach eBPF programs and talk ctnetlink: root, or
 /// CAP_BPF + CAP_NET_ADMIN + CAP_PERFMON (CAP_SYS_ADMIN stands in for the first and last).
 pub fn check_privileges() -> Result<(), UserError> {
-    let status = std::fs::read_to_string("/proc/self/status")
-        .map_err(|e| UserError::environment(format!("cannot read /proc/self/status to check privileges: {e}")))?;
+    let status = std::fs::read_to_string("/proc/self/status").map_err(|e| {
+        UserError::environment(format!(
+            "cannot read /proc/self/status to check privileges: {e}"
+        ))
+    })?;
     let missing = missing_capabilities(&status);
     if missing.is_empty() {
         Ok(())
@@ -57,7 +60,10 @@ mod tests {
 
     #[test]
     fn unprivileged_misses_all_three() {
-        assert_eq!(missing_capabilities("CapEff:\t0000000000000000\n"), ["CAP_BPF", "CAP_NET_ADMIN", "CAP_PERFMON"]);
+        assert_eq!(
+            missing_capabilities("CapEff:\t0000000000000000\n"),
+            ["CAP_BPF", "CAP_NET_ADMIN", "CAP_PERFMON"]
+        );
     }
 
     #[test]

@@ -85,7 +85,13 @@ impl Tracker {
     }
 
     /// A start captured by the backend, its time already converted to UTC.
-    pub fn on_start(&mut self, start: &StartEvent, start_ns: i64, alloc: &mut impl FnMut() -> u64, out: &mut Vec<Binding>) {
+    pub fn on_start(
+        &mut self,
+        start: &StartEvent,
+        start_ns: i64,
+        alloc: &mut impl FnMut() -> u64,
+        out: &mut Vec<Binding>,
+    ) {
         let mut binding = Binding {
             id: alloc(),
             proto: start.proto,
@@ -109,7 +115,10 @@ impl Tracker {
             return;
         }
         out.push(binding.clone());
-        self.insert_open(Open { binding, last_seen_ns: start_ns });
+        self.insert_open(Open {
+            binding,
+            last_seen_ns: start_ns,
+        });
     }
 
     /// A ctnetlink DESTROY event received at `now_ns`.
@@ -129,7 +138,10 @@ impl Tracker {
             out.push(binding);
             return;
         }
-        self.early_ends.entry(key).or_default().push_back(EarlyEnd { entry, received_ns: now_ns });
+        self.early_ends.entry(key).or_default().push_back(EarlyEnd {
+            entry,
+            received_ns: now_ns,
+        });
     }
 
     /// Stores ends that waited too long for their start as bindings of their own, and forgets
@@ -145,22 +157,36 @@ impl Tracker {
             }
             !ends.is_empty()
         });
-        self.closed_approx.retain(|_, (_, closed_at)| now_ns - *closed_at < Self::LATE_END_WINDOW_NS);
+        self.closed_approx
+            .retain(|_, (_, closed_at)| now_ns - *closed_at < Self::LATE_END_WINDOW_NS);
     }
 
     /// Takes over bindings a previous agent run left open: those still alive in `dump` stay
     /// open under their id, the others get `dump_ns` as an approximate end.
-    pub fn adopt(&mut self, previous: Vec<Binding>, dump: &[CtEntry], dump_ns: i64, out: &mut Vec<Binding>) {
-        let alive: HashMap<ConntrackKey, &CtEntry> =
-            dump.iter().filter(|e| e.is_nat()).map(|e| (e.key(), e)).collect();
+    pub fn adopt(
+        &mut self,
+        previous: Vec<Binding>,
+        dump: &[CtEntry],
+        dump_ns: i64,
+        out: &mut Vec<Binding>,
+    ) {
+        let alive: HashMap<ConntrackKey, &CtEntry> = dump
+            .iter()
+            .filter(|e| e.is_nat())
+            .map(|e| (e.key(), e))
+            .collect();
         for mut binding in previous {
             let key = binding.key();
             let same_entry = alive.get(&key).is_some_and(|e| {
                 // A reused tuple is a different entry if it started after the binding.
-                e.start_ns.is_none_or(|s| s <= binding.start_ns + Self::DUMP_GRACE_NS)
+                e.start_ns
+                    .is_none_or(|s| s <= binding.start_ns + Self::DUMP_GRACE_NS)
             });
             if same_entry && !self.open.contains_key(&key) {
-                self.insert_open(Open { binding, last_seen_ns: dump_ns });
+                self.insert_open(Open {
+                    binding,
+                    last_seen_ns: dump_ns,
+                });
             } else {
                 binding.end_ns = Some(dump_ns);
                 binding.end_approximate = true;
@@ -180,7 +206,11 @@ impl Tracker {
         out: &mut Vec<Binding>,
     ) -> ReconcileReport {
         let mut report = ReconcileReport::default();
-        let alive: HashSet<ConntrackKey> = dump.iter().filter(|e| e.is_nat()).map(CtEntry::key).collect();
+        let alive: HashSet<ConntrackKey> = dump
+            .iter()
+            .filter(|e| e.is_nat())
+            .map(CtEntry::key)
+            .collect();
         let mut closed = Vec::new();
         for (key, list) in &mut self.open {
             let present = alive.contains(key);
@@ -233,14 +263,20 @@ impl Tracker {
                 reply_counters: None,
             };
             out.push(binding.clone());
-            self.insert_open(Open { binding, last_seen_ns: dump_ns });
+            self.insert_open(Open {
+                binding,
+                last_seen_ns: dump_ns,
+            });
             report.opened += 1;
         }
         report
     }
 
     fn insert_open(&mut self, open: Open) {
-        self.open.entry(open.binding.key()).or_default().push_back(open);
+        self.open
+            .entry(open.binding.key())
+            .or_default()
+            .push_back(open);
         self.open_count += 1;
     }
 
@@ -306,7 +342,7 @@ fn binding_from_end_only(end: &EarlyEnd, id: u64) -> Binding {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::binding::{Counters, IPS_CONFIRMED, IPS_SRC_NAT, IPPROTO_UDP, Tuple};
+    use crate::binding::{Counters, IPPROTO_UDP, IPS_CONFIRMED, IPS_SRC_NAT, Tuple};
 
     const S: i64 = 1_000_000_000;
 
@@ -328,7 +364,15 @@ mod tests {
 
     fn start(sport: u16) -> StartEvent {
         let (orig, reply) = tuple(sport);
-        StartEvent { proto: IPPROTO_UDP, orig, reply, zone: 0, mark: 0, status: IPS_SRC_NAT, boot_ns: 0 }
+        StartEvent {
+            proto: IPPROTO_UDP,
+            orig,
+            reply,
+            zone: 0,
+            mark: 0,
+            status: IPS_SRC_NAT,
+            boot_ns: 0,
+        }
     }
 
     fn entry(sport: u16, start_ns: Option<i64>, stop_ns: Option<i64>) -> CtEntry {
@@ -340,8 +384,14 @@ mod tests {
             zone: 0,
             mark: 0,
             status: IPS_SRC_NAT | IPS_CONFIRMED,
-            orig_counters: Some(Counters { packets: 2, bytes: 100 }),
-            reply_counters: Some(Counters { packets: 1, bytes: 60 }),
+            orig_counters: Some(Counters {
+                packets: 2,
+                bytes: 100,
+            }),
+            reply_counters: Some(Counters {
+                packets: 1,
+                bytes: 60,
+            }),
             start_ns,
             stop_ns,
         }
@@ -364,7 +414,10 @@ mod tests {
         t.on_destroy(entry(1, Some(10 * S), Some(20 * S)), 21 * S, &mut out);
         assert_eq!(out.len(), 2);
         let b = &out[1];
-        assert_eq!((b.id, b.start_ns, b.end_ns, b.end_approximate), (1, 10 * S, Some(20 * S), false));
+        assert_eq!(
+            (b.id, b.start_ns, b.end_ns, b.end_approximate),
+            (1, 10 * S, Some(20 * S), false)
+        );
         assert_eq!(b.orig_counters.unwrap().bytes, 100);
         assert_eq!(t.open_count(), 0);
     }
@@ -376,7 +429,10 @@ mod tests {
         assert!(out.is_empty());
         t.on_start(&start(1), 10 * S, &mut alloc, &mut out);
         assert_eq!(out.len(), 1);
-        assert_eq!((out[0].start_source, out[0].end_ns), (StartSource::Ring, Some(11 * S)));
+        assert_eq!(
+            (out[0].start_source, out[0].end_ns),
+            (StartSource::Ring, Some(11 * S))
+        );
         assert_eq!(t.early_end_count(), 0);
     }
 
@@ -389,7 +445,10 @@ mod tests {
         t.expire(13 * S + 1, &mut alloc, &mut out);
         assert_eq!(out.len(), 1);
         let b = &out[0];
-        assert_eq!((b.start_source, b.start_approximate, b.start_ns), (StartSource::Destroy, true, 10 * S));
+        assert_eq!(
+            (b.start_source, b.start_approximate, b.start_ns),
+            (StartSource::Destroy, true, 10 * S)
+        );
         assert_eq!((b.end_ns, b.end_approximate), (Some(11 * S), false));
     }
 
@@ -411,11 +470,27 @@ mod tests {
         out.clear();
         let dump = [entry(2, None, None), entry(4, Some(5 * S), None)];
         let r = t.reconcile(&dump, 30 * S + S / 2, &mut alloc, &mut out);
-        assert_eq!(r, ReconcileReport { closed: 1, opened: 1 });
+        assert_eq!(
+            r,
+            ReconcileReport {
+                closed: 1,
+                opened: 1
+            }
+        );
         let closed = out.iter().find(|b| b.orig.src_port == 1).unwrap();
-        assert_eq!((closed.end_ns, closed.end_approximate), (Some(30 * S + S / 2), true));
+        assert_eq!(
+            (closed.end_ns, closed.end_approximate),
+            (Some(30 * S + S / 2), true)
+        );
         let opened = out.iter().find(|b| b.orig.src_port == 4).unwrap();
-        assert_eq!((opened.start_source, opened.start_approximate, opened.start_ns), (StartSource::Dump, true, 5 * S));
+        assert_eq!(
+            (
+                opened.start_source,
+                opened.start_approximate,
+                opened.start_ns
+            ),
+            (StartSource::Dump, true, 5 * S)
+        );
         assert_eq!(t.open_count(), 3);
     }
 
@@ -427,7 +502,10 @@ mod tests {
         out.clear();
         t.on_destroy(entry(1, Some(10 * S), Some(15 * S)), 20 * S, &mut out);
         assert_eq!(out.len(), 1);
-        assert_eq!((out[0].id, out[0].end_ns, out[0].end_approximate), (1, Some(15 * S), false));
+        assert_eq!(
+            (out[0].id, out[0].end_ns, out[0].end_approximate),
+            (1, Some(15 * S), false)
+        );
     }
 
     #[test]
@@ -438,7 +516,12 @@ mod tests {
         out.clear();
         t.on_destroy(entry(1, Some(10 * S), Some(11 * S)), 13 * S, &mut out);
         assert_eq!(out[0].id, 1);
-        t.reconcile(&[entry(1, Some(12 * S), None)], 20 * S, &mut alloc, &mut out);
+        t.reconcile(
+            &[entry(1, Some(12 * S), None)],
+            20 * S,
+            &mut alloc,
+            &mut out,
+        );
         assert_eq!(t.open_count(), 1, "the newer binding is the live entry");
     }
 
@@ -452,6 +535,9 @@ mod tests {
         fresh.adopt(prev, &[entry(1, None, None)], 50 * S, &mut out);
         assert_eq!(fresh.open_count(), 1);
         assert_eq!(out.len(), 1);
-        assert_eq!((out[0].orig.src_port, out[0].end_ns, out[0].end_approximate), (2, Some(50 * S), true));
+        assert_eq!(
+            (out[0].orig.src_port, out[0].end_ns, out[0].end_approximate),
+            (2, Some(50 * S), true)
+        );
     }
 }

@@ -61,9 +61,17 @@ fn main() -> anyhow::Result<()> {
             require_root("bench")?;
             setup::run()?;
             let bin = build_release()?;
-            cargo(&["run", "--release", "--quiet", "-p", "nattrace-e2e", "--bin", "nat-rate"])
-                .env("NATTRACE_BIN", &bin)
-                .status_ok()?;
+            cargo(&[
+                "run",
+                "--release",
+                "--quiet",
+                "-p",
+                "nattrace-e2e",
+                "--bin",
+                "nat-rate",
+            ])
+            .env("NATTRACE_BIN", &bin)
+            .status_ok()?;
         }
     }
     eprintln!("xtask: done in {:.0?}", started.elapsed());
@@ -72,9 +80,23 @@ fn main() -> anyhow::Result<()> {
 
 fn test(no_e2e: bool) -> anyhow::Result<()> {
     setup::run()?;
-    step("cargo fmt --check", || cargo(&["fmt", "--all", "--check"]).status_ok())?;
-    step("cargo clippy", || cargo(&["clippy", "--all-targets", "--", "-D", "warnings"]).status_ok())?;
-    step("unit tests", || cargo(&["test", "--exclude", "nattrace-e2e", "--workspace", "--exclude", "tracer-ebpf"]).status_ok())?;
+    step("cargo fmt --check", || {
+        cargo(&["fmt", "--all", "--check"]).status_ok()
+    })?;
+    step("cargo clippy", || {
+        cargo(&["clippy", "--all-targets", "--", "-D", "warnings"]).status_ok()
+    })?;
+    step("unit tests", || {
+        cargo(&[
+            "test",
+            "--exclude",
+            "nattrace-e2e",
+            "--workspace",
+            "--exclude",
+            "tracer-ebpf",
+        ])
+        .status_ok()
+    })?;
     if no_e2e {
         eprintln!("xtask: end-to-end tests skipped (--no-e2e)");
         return Ok(());
@@ -82,14 +104,23 @@ fn test(no_e2e: bool) -> anyhow::Result<()> {
     require_root("test (end-to-end part)")?;
     let bin = build_release()?;
     step("end-to-end tests", || {
-        cargo(&["test", "--release", "-p", "nattrace-e2e", "--", "--test-threads=1"])
-            .env("NATTRACE_BIN", &bin)
-            .status_ok()
+        cargo(&[
+            "test",
+            "--release",
+            "-p",
+            "nattrace-e2e",
+            "--",
+            "--test-threads=1",
+        ])
+        .env("NATTRACE_BIN", &bin)
+        .status_ok()
     })
 }
 
 fn build_release() -> anyhow::Result<PathBuf> {
-    step("build nattrace (release)", || cargo(&["build", "--release", "-p", "tracer-user"]).status_ok())?;
+    step("build nattrace (release)", || {
+        cargo(&["build", "--release", "-p", "tracer-user"]).status_ok()
+    })?;
     let bin = workspace_root().join("target/release/nattrace");
     if !bin.exists() {
         bail!("build succeeded but {} is missing", bin.display());
@@ -108,20 +139,27 @@ fn step(name: &str, f: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<()
 fn require_root(task: &str) -> anyhow::Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        bail!("`cargo xtask {task}` creates network namespaces and loads eBPF programs: run it as root");
+        bail!(
+            "`cargo xtask {task}` creates network namespaces and loads eBPF programs: run it as root"
+        );
     }
     Ok(())
 }
 
 /// The workspace root (xtask lives one level below it).
 pub(crate) fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask has a parent").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask has a parent")
+        .to_path_buf()
 }
 
 /// A cargo command run from the workspace root with `~/.cargo/bin` on PATH (for bpf-linker).
 fn cargo(args: &[&str]) -> Command {
     let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-    cmd.args(args).current_dir(workspace_root()).env("PATH", setup::path_with_cargo_bin());
+    cmd.args(args)
+        .current_dir(workspace_root())
+        .env("PATH", setup::path_with_cargo_bin());
     cmd
 }
 
@@ -132,7 +170,9 @@ pub(crate) trait StatusOk {
 
 impl StatusOk for Command {
     fn status_ok(&mut self) -> anyhow::Result<()> {
-        let status = self.status().with_context(|| format!("cannot start {self:?}"))?;
+        let status = self
+            .status()
+            .with_context(|| format!("cannot start {self:?}"))?;
         if !status.success() {
             bail!("{self:?} exited with {status}");
         }

@@ -32,7 +32,9 @@ fn home() -> PathBuf {
 }
 
 fn cargo_bin() -> PathBuf {
-    std::env::var_os("CARGO_HOME").map_or_else(|| home().join(".cargo"), PathBuf::from).join("bin")
+    std::env::var_os("CARGO_HOME")
+        .map_or_else(|| home().join(".cargo"), PathBuf::from)
+        .join("bin")
 }
 
 /// PATH with cargo's bin directory (where bpf-linker is installed) in front.
@@ -45,40 +47,66 @@ pub fn path_with_cargo_bin() -> OsString {
 }
 
 fn output(cmd: &mut Command) -> anyhow::Result<String> {
-    let out = cmd.output().with_context(|| format!("cannot start {cmd:?}"))?;
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
     if !out.status.success() {
-        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn nightly_sysroot() -> anyhow::Result<PathBuf> {
-    Ok(PathBuf::from(output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?.trim()))
+    Ok(PathBuf::from(
+        output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?.trim(),
+    ))
 }
 
 fn ensure_nightly_with_rust_src() -> anyhow::Result<()> {
     if nightly_sysroot().is_err() {
         eprintln!("xtask: setup: installing the nightly toolchain");
-        Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]).status_ok()?;
+        Command::new("rustup")
+            .args(["toolchain", "install", "nightly", "--profile", "minimal"])
+            .status_ok()?;
     }
     let sysroot = nightly_sysroot()?;
     if sysroot.join("lib/rustlib/src/rust/library/core").exists() {
         return Ok(());
     }
     eprintln!("xtask: setup: installing rust-src for the nightly");
-    let added = Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]).status_ok();
+    let added = Command::new("rustup")
+        .args(["component", "add", "rust-src", "--toolchain", "nightly"])
+        .status_ok();
     if let Err(e) = added {
         // Offline fallback: the component kept beside the repository (../shared/toolchain).
         let kept = crate::workspace_root().join("../shared/toolchain");
         let tarball = std::fs::read_dir(&kept)
             .ok()
-            .and_then(|d| d.flatten().map(|e| e.path()).find(|p| p.to_string_lossy().contains("rust-src")))
+            .and_then(|d| {
+                d.flatten()
+                    .map(|e| e.path())
+                    .find(|p| p.to_string_lossy().contains("rust-src"))
+            })
             .ok_or(e)?;
-        eprintln!("xtask: setup: rustup failed, installing {}", tarball.display());
+        eprintln!(
+            "xtask: setup: rustup failed, installing {}",
+            tarball.display()
+        );
         let tmp = std::env::temp_dir().join("nattrace-rust-src");
         std::fs::create_dir_all(&tmp)?;
-        Command::new("tar").arg("-xJf").arg(&tarball).arg("-C").arg(&tmp).status_ok()?;
-        let dir = std::fs::read_dir(&tmp)?.flatten().map(|e| e.path()).find(|p| p.join("install.sh").exists());
+        Command::new("tar")
+            .arg("-xJf")
+            .arg(&tarball)
+            .arg("-C")
+            .arg(&tmp)
+            .status_ok()?;
+        let dir = std::fs::read_dir(&tmp)?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.join("install.sh").exists());
         let dir = dir.context("rust-src archive has no install.sh")?;
         Command::new("sh")
             .arg(dir.join("install.sh"))
@@ -96,7 +124,10 @@ fn nightly_llvm_major() -> anyhow::Result<u32> {
 }
 
 fn parse_llvm_major(vv: &str) -> Option<u32> {
-    let version = vv.lines().find_map(|l| l.strip_prefix("LLVM version:"))?.trim();
+    let version = vv
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version:"))?
+        .trim();
     version.split('.').next()?.parse().ok()
 }
 
@@ -114,7 +145,10 @@ fn ensure_bpf_linker() -> anyhow::Result<()> {
     let libllvm = std::fs::read_dir(&lib)?
         .flatten()
         .map(|e| e.path())
-        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&prefix)))
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(&prefix))
+        })
         .with_context(|| format!("no {prefix}* in {}", lib.display()))?;
     let llvm_prefix = home().join(".cache/nattrace/bpf-llvm");
     let llvm_lib = llvm_prefix.join("lib");
@@ -122,9 +156,18 @@ fn ensure_bpf_linker() -> anyhow::Result<()> {
     let name = libllvm.file_name().expect("has a name");
     link(&libllvm, &llvm_lib.join(name))?;
     link(Path::new(name), &llvm_lib.join("libLLVM.so"))?;
-    eprintln!("xtask: setup: building bpf-linker {BPF_LINKER_VERSION} against the nightly's LLVM {major}");
+    eprintln!(
+        "xtask: setup: building bpf-linker {BPF_LINKER_VERSION} against the nightly's LLVM {major}"
+    );
     Command::new("cargo")
-        .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--locked", "--no-default-features"])
+        .args([
+            "install",
+            "bpf-linker",
+            "--version",
+            BPF_LINKER_VERSION,
+            "--locked",
+            "--no-default-features",
+        ])
         .args(["--features", &format!("llvm-{major}")])
         .env("LLVM_PREFIX", &llvm_prefix)
         .status_ok()
@@ -150,8 +193,13 @@ fn ensure_debian_packages() -> anyhow::Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
-    eprintln!("xtask: setup: installing Debian packages {}", missing.join(" "));
-    Command::new("apt-get").args(["update", "-qq"]).status_ok()?;
+    eprintln!(
+        "xtask: setup: installing Debian packages {}",
+        missing.join(" ")
+    );
+    Command::new("apt-get")
+        .args(["update", "-qq"])
+        .status_ok()?;
     Command::new("apt-get")
         .args(["install", "-y", "-qq", "--no-install-recommends"])
         .args(&missing)

@@ -30,7 +30,11 @@ pub enum LayoutError {
     TupleTooLarge { size: u32, max: usize },
     /// A member has a size the program does not expect.
     #[error("kernel member {member} is {size} bytes, expected {expected}")]
-    UnexpectedSize { member: &'static str, size: u32, expected: u32 },
+    UnexpectedSize {
+        member: &'static str,
+        size: u32,
+        expected: u32,
+    },
 }
 
 /// Byte offsets inside `struct nf_conntrack_tuple`.
@@ -74,13 +78,20 @@ impl KernelLayout {
         let orig = btf.member("nf_conn", &["tuplehash[0]", "tuple"])?;
         let reply = btf.member("nf_conn", &["tuplehash[1]", "tuple"])?;
         // Zones and marks are optional kernel features (CONFIG_NF_CONNTRACK_ZONES / _MARK).
-        let zone = btf.member("nf_conn", &["zone", "id"]).map_or(OFFSET_ABSENT, |m| m.offset);
-        let mark = btf.member("nf_conn", &["mark"]).map_or(OFFSET_ABSENT, |m| m.offset);
+        let zone = btf
+            .member("nf_conn", &["zone", "id"])
+            .map_or(OFFSET_ABSENT, |m| m.offset);
+        let mark = btf
+            .member("nf_conn", &["mark"])
+            .map_or(OFFSET_ABSENT, |m| m.offset);
 
         let t = "nf_conntrack_tuple";
         let size = btf.struct_size(t)?;
         if size as usize > TUPLE_BYTES {
-            return Err(LayoutError::TupleTooLarge { size, max: TUPLE_BYTES });
+            return Err(LayoutError::TupleTooLarge {
+                size,
+                max: TUPLE_BYTES,
+            });
         }
         let off = |path: &[&str]| btf.member(t, path).map(|m| m.offset as usize);
         let tuple = TupleLayout {
@@ -108,7 +119,15 @@ impl KernelLayout {
 }
 
 fn expect_size(member: &'static str, size: u32, expected: u32) -> Result<(), LayoutError> {
-    if size == expected { Ok(()) } else { Err(LayoutError::UnexpectedSize { member, size, expected }) }
+    if size == expected {
+        Ok(())
+    } else {
+        Err(LayoutError::UnexpectedSize {
+            member,
+            size,
+            expected,
+        })
+    }
 }
 
 /// A decoded new-binding event.
@@ -132,7 +151,12 @@ impl TupleLayout {
         let l3num = u16::from_ne_bytes([raw[self.l3num], raw[self.l3num + 1]]);
         let addr = |at: usize| -> Option<IpAddr> {
             match l3num {
-                AF_INET => Some(IpAddr::V4(Ipv4Addr::new(raw[at], raw[at + 1], raw[at + 2], raw[at + 3]))),
+                AF_INET => Some(IpAddr::V4(Ipv4Addr::new(
+                    raw[at],
+                    raw[at + 1],
+                    raw[at + 2],
+                    raw[at + 3],
+                ))),
                 AF_INET6 => {
                     let mut b = [0u8; 16];
                     b.copy_from_slice(&raw[at..at + 16]);
@@ -144,9 +168,20 @@ impl TupleLayout {
         let proto = raw[self.protonum];
         // Ports and the ICMP echo id are kept in network byte order.
         let be16 = |at: usize| u16::from_be_bytes([raw[at], raw[at + 1]]);
-        let (src_port, dst_port) =
-            if is_icmp(proto) { (be16(self.src_port), 0) } else { (be16(self.src_port), be16(self.dst_port)) };
-        Some((proto, Tuple { src: addr(self.src_addr)?, dst: addr(self.dst_addr)?, src_port, dst_port }))
+        let (src_port, dst_port) = if is_icmp(proto) {
+            (be16(self.src_port), 0)
+        } else {
+            (be16(self.src_port), be16(self.dst_port))
+        };
+        Some((
+            proto,
+            Tuple {
+                src: addr(self.src_addr)?,
+                dst: addr(self.dst_addr)?,
+                src_port,
+                dst_port,
+            },
+        ))
     }
 
     /// Decodes a ring-buffer record.
@@ -154,7 +189,15 @@ impl TupleLayout {
     pub fn decode_event(&self, ev: &NatEvent) -> Option<StartEvent> {
         let (proto, orig) = self.decode(&ev.orig)?;
         let (_, reply) = self.decode(&ev.reply)?;
-        Some(StartEvent { proto, orig, reply, zone: ev.zone, mark: ev.mark, status: ev.status, boot_ns: ev.boot_ns })
+        Some(StartEvent {
+            proto,
+            orig,
+            reply,
+            zone: ev.zone,
+            mark: ev.mark,
+            status: ev.status,
+            boot_ns: ev.boot_ns,
+        })
     }
 
     /// Size of the kernel's tuple in bytes.
@@ -170,7 +213,15 @@ mod tests {
 
     /// The layout of Linux 6.x on x86_64, as a fixture independent of the running kernel.
     fn linux6_layout() -> TupleLayout {
-        TupleLayout { src_addr: 0, src_port: 16, l3num: 18, dst_addr: 20, dst_port: 36, protonum: 38, size: 40 }
+        TupleLayout {
+            src_addr: 0,
+            src_port: 16,
+            l3num: 18,
+            dst_addr: 20,
+            dst_port: 36,
+            protonum: 38,
+            size: 40,
+        }
     }
 
     fn raw_v4(proto: u8, src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> [u8; TUPLE_BYTES] {
@@ -220,7 +271,10 @@ mod tests {
         r[38] = 58;
         let (proto, t) = l.decode(&r).unwrap();
         assert_eq!(proto, 58);
-        assert_eq!((t.src, t.dst, t.src_port, t.dst_port), (IpAddr::V6(src), IpAddr::V6(dst), 0x1234, 0));
+        assert_eq!(
+            (t.src, t.dst, t.src_port, t.dst_port),
+            (IpAddr::V6(src), IpAddr::V6(dst), 0x1234, 0)
+        );
     }
 
     #[test]
@@ -232,7 +286,8 @@ mod tests {
 
     #[test]
     fn running_kernel_layout_matches_linux6_fixture() {
-        let k = KernelLayout::from_running_kernel().expect("running kernel BTF must describe conntrack");
+        let k = KernelLayout::from_running_kernel()
+            .expect("running kernel BTF must describe conntrack");
         assert_eq!(k.tuple, linux6_layout());
         assert_ne!(k.program.skb_nfct, 0);
         assert!(k.program.ct_tuple_reply > k.program.ct_tuple_orig);

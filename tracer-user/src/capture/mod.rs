@@ -42,7 +42,10 @@ pub enum CaptureError {
     },
     /// The kernel lacks a feature the backend needs.
     #[error("this kernel lacks {feature}: {hint}")]
-    Unsupported { feature: &'static str, hint: &'static str },
+    Unsupported {
+        feature: &'static str,
+        hint: &'static str,
+    },
     /// The embedded eBPF object is not what this build expects (a build problem).
     #[error("embedded eBPF object: {reason}")]
     Object { reason: String },

@@ -27,54 +27,92 @@ pub struct LoadedProgram {
 
 /// Loads `object` (the tracer-ebpf ELF) with `config` as its offsets global and a ring
 /// buffer of `ring_bytes` (a power-of-two multiple of the page size).
-pub fn load(object: &[u8], config: &ProgramConfig, ring_bytes: u32) -> Result<LoadedProgram, CaptureError> {
-    let obj_err = |what: &str, e: &dyn std::fmt::Display| CaptureError::Object { reason: format!("{what}: {e}") };
+pub fn load(
+    object: &[u8],
+    config: &ProgramConfig,
+    ring_bytes: u32,
+) -> Result<LoadedProgram, CaptureError> {
+    let obj_err = |what: &str, e: &dyn std::fmt::Display| CaptureError::Object {
+        reason: format!("{what}: {e}"),
+    };
     let mut obj = Object::parse(object).map_err(|e| obj_err("parse", &e))?;
 
     // SAFETY-free byte view of a plain `#[repr(C)]` struct without padding.
     let config_bytes = config_bytes(config);
-    obj.patch_map_data(HashMap::from([(names::CONFIG_GLOBAL, (config_bytes.as_slice(), true))]))
-        .map_err(|e| obj_err("patch offsets", &e))?;
+    obj.patch_map_data(HashMap::from([(
+        names::CONFIG_GLOBAL,
+        (config_bytes.as_slice(), true),
+    )]))
+    .map_err(|e| obj_err("patch offsets", &e))?;
     obj.maps
         .get_mut(names::EVENTS_MAP)
-        .ok_or_else(|| CaptureError::Object { reason: format!("no map {}", names::EVENTS_MAP) })?
+        .ok_or_else(|| CaptureError::Object {
+            reason: format!("no map {}", names::EVENTS_MAP),
+        })?
         .set_max_entries(ring_bytes);
 
     let mut maps: HashMap<String, MapData> = HashMap::new();
     for (name, map) in &obj.maps {
-        let data = MapData::create(map.clone(), name, None)
-            .map_err(|e| CaptureError::Kernel { step: "create map", detail: format!("{name}: {e}") })?;
+        let data = MapData::create(map.clone(), name, None).map_err(|e| CaptureError::Kernel {
+            step: "create map",
+            detail: format!("{name}: {e}"),
+        })?;
         finalize_global(&data, map)?;
         maps.insert(name.clone(), data);
     }
 
     let text_sections: HashSet<usize> = obj.functions.keys().map(|(section, _)| *section).collect();
+    let obj_maps = obj.maps.clone();
     obj.relocate_maps(
-        maps.iter().map(|(name, data)| (name.as_str(), data.fd().as_fd().as_raw_fd(), data.obj())),
+        maps.iter().map(|(name, data)| {
+            (
+                name.as_str(),
+                data.fd().as_fd().as_raw_fd(),
+                &obj_maps[name],
+            )
+        }),
         &text_sections,
     )
     .map_err(|e| obj_err("relocate maps", &e))?;
-    obj.relocate_calls(&text_sections).map_err(|e| obj_err("relocate calls", &e))?;
+    obj.relocate_calls(&text_sections)
+        .map_err(|e| obj_err("relocate calls", &e))?;
 
     let program = obj
         .programs
         .get(names::PROGRAM)
-        .ok_or_else(|| CaptureError::Object { reason: format!("no program {}", names::PROGRAM) })?;
-    let function = obj
-        .functions
-        .get(&program.function_key())
-        .ok_or_else(|| CaptureError::Object { reason: "program has no instructions".into() })?;
-    let prog = sys::prog_load_netfilter(names::PROGRAM, &function.instructions, &program.license).map_err(|f| {
-        CaptureError::Kernel { step: "load netfilter program", detail: format!("{}\n{}", f.error, f.verifier_log) }
+        .ok_or_else(|| CaptureError::Object {
+            reason: format!("no program {}", names::PROGRAM),
+        })?;
+    let function =
+        obj.functions
+            .get(&program.function_key())
+            .ok_or_else(|| CaptureError::Object {
+                reason: "program has no instructions".into(),
+            })?;
+    let prog = sys::prog_load_netfilter(names::PROGRAM, &function.instructions, &program.license)
+        .map_err(|f| CaptureError::Kernel {
+        step: "load netfilter program",
+        detail: format!("{}\n{}", f.error, f.verifier_log),
     })?;
 
     let take = |name: &str, maps: &mut HashMap<String, MapData>| {
-        maps.remove(name).ok_or_else(|| CaptureError::Object { reason: format!("no map {name}") })
+        maps.remove(name).ok_or_else(|| CaptureError::Object {
+            reason: format!("no map {name}"),
+        })
     };
-    let events = RingBuf::try_from(Map::RingBuf(take(names::EVENTS_MAP, &mut maps)?))
-        .map_err(|e| CaptureError::Kernel { step: "open ring buffer", detail: e.to_string() })?;
-    let lost = PerCpuArray::try_from(Map::PerCpuArray(take(names::LOST_MAP, &mut maps)?))
-        .map_err(|e| CaptureError::Kernel { step: "open loss counter", detail: e.to_string() })?;
+    let events =
+        RingBuf::try_from(Map::RingBuf(take(names::EVENTS_MAP, &mut maps)?)).map_err(|e| {
+            CaptureError::Kernel {
+                step: "open ring buffer",
+                detail: e.to_string(),
+            }
+        })?;
+    let lost = PerCpuArray::try_from(Map::PerCpuArray(take(names::LOST_MAP, &mut maps)?)).map_err(
+        |e| CaptureError::Kernel {
+            step: "open loss counter",
+            detail: e.to_string(),
+        },
+    )?;
     Ok(LoadedProgram { prog, events, lost })
 }
 
@@ -83,25 +121,47 @@ pub fn load(object: &[u8], config: &ProgramConfig, ring_bytes: u32) -> Result<Lo
 /// the verifier does not treat the offsets as constants.
 fn finalize_global(data: &MapData, map: &aya_obj::Map) -> Result<(), CaptureError> {
     let kind = map.section_kind();
-    if !matches!(kind, EbpfSectionKind::Rodata | EbpfSectionKind::Data | EbpfSectionKind::Bss) {
+    if !matches!(
+        kind,
+        EbpfSectionKind::Rodata | EbpfSectionKind::Data | EbpfSectionKind::Bss
+    ) {
         return Ok(());
     }
     let fd = data.fd().as_fd();
     if !map.data().is_empty() {
-        sys::map_update_key0(fd, map.data())
-            .map_err(|e| CaptureError::Kernel { step: "write global data", detail: e.to_string() })?;
+        sys::map_update_key0(fd, map.data()).map_err(|e| CaptureError::Kernel {
+            step: "write global data",
+            detail: e.to_string(),
+        })?;
     }
     if kind == EbpfSectionKind::Rodata {
-        sys::map_freeze(fd).map_err(|e| CaptureError::Kernel { step: "freeze .rodata", detail: e.to_string() })?;
+        sys::map_freeze(fd).map_err(|e| CaptureError::Kernel {
+            step: "freeze .rodata",
+            detail: e.to_string(),
+        })?;
     }
     Ok(())
 }
 
 fn config_bytes(config: &ProgramConfig) -> Vec<u8> {
-    let ProgramConfig { skb_nfct, ct_status, ct_tuple_orig, ct_tuple_reply, ct_zone_id, ct_mark, wakeup_bytes } =
-        *config;
+    let ProgramConfig {
+        skb_nfct,
+        ct_status,
+        ct_tuple_orig,
+        ct_tuple_reply,
+        ct_zone_id,
+        ct_mark,
+        wakeup_bytes,
+    } = *config;
     let mut out = Vec::with_capacity(size_of::<ProgramConfig>());
-    for v in [skb_nfct, ct_status, ct_tuple_orig, ct_tuple_reply, ct_zone_id, ct_mark] {
+    for v in [
+        skb_nfct,
+        ct_status,
+        ct_tuple_orig,
+        ct_tuple_reply,
+        ct_zone_id,
+        ct_mark,
+    ] {
         out.extend_from_slice(&v.to_ne_bytes());
     }
     out.extend_from_slice(&wakeup_bytes.to_ne_bytes());
@@ -132,13 +192,17 @@ mod tests {
 
     #[test]
     fn embedded_object_has_the_program_maps_and_offsets_global() {
-        let obj = Object::parse(crate::capture::netfilter::EBPF_OBJECT).expect("embedded object parses");
+        let obj =
+            Object::parse(crate::capture::netfilter::EBPF_OBJECT).expect("embedded object parses");
         assert!(obj.programs.contains_key(names::PROGRAM));
         assert!(obj.maps.contains_key(names::EVENTS_MAP));
         assert!(obj.maps.contains_key(names::LOST_MAP));
         let mut obj = obj;
         let bytes = config_bytes(&ProgramConfig::default());
-        obj.patch_map_data(HashMap::from([(names::CONFIG_GLOBAL, (bytes.as_slice(), true))]))
-            .expect("offsets global has the size of ProgramConfig");
+        obj.patch_map_data(HashMap::from([(
+            names::CONFIG_GLOBAL,
+            (bytes.as_slice(), true),
+        )]))
+        .expect("offsets global has the size of ProgramConfig");
     }
 }

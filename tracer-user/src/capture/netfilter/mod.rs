@@ -12,10 +12,14 @@ use aya::{
 };
 use tracer_common::{LOST_SLOT, NatEvent};
 
-use super::{Capture, CaptureError, StartEvent, layout::{KernelLayout, TupleLayout}};
+use super::{
+    Capture, CaptureError, StartEvent,
+    layout::{KernelLayout, TupleLayout},
+};
 
 /// The tracer-ebpf object, built by build.rs.
-pub(crate) static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
+pub(crate) static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
 
 /// Hook priority: after every NAT hook (srcnat = 100, and any operator chain) and before
 /// conntrack confirm (`INT_MAX`), where a new binding is translated but not yet confirmed.
@@ -32,16 +36,22 @@ pub struct Options {
 /// BTF for the struct offsets, and the netfilter program type. Returns the kernel layout.
 pub fn probe() -> Result<KernelLayout, CaptureError> {
     if !std::path::Path::new(crate::btf::VMLINUX_BTF).exists() {
-        return Err(CaptureError::NoBtf { path: crate::btf::VMLINUX_BTF.to_owned() });
+        return Err(CaptureError::NoBtf {
+            path: crate::btf::VMLINUX_BTF.to_owned(),
+        });
     }
-    let layout = KernelLayout::from_running_kernel().map_err(|source| CaptureError::Layout { source })?;
+    let layout =
+        KernelLayout::from_running_kernel().map_err(|source| CaptureError::Layout { source })?;
     match aya::sys::is_program_supported(ProgramType::Netfilter) {
         Ok(true) => Ok(layout),
         Ok(false) => Err(CaptureError::Unsupported {
             feature: "BPF netfilter programs (BPF_PROG_TYPE_NETFILTER)",
             hint: "the netfilter backend needs Linux >= 6.4; backends for older kernels are not available yet",
         }),
-        Err(e) => Err(CaptureError::Kernel { step: "probe for BPF netfilter programs", detail: e.to_string() }),
+        Err(e) => Err(CaptureError::Kernel {
+            step: "probe for BPF netfilter programs",
+            detail: e.to_string(),
+        }),
     }
 }
 
@@ -64,17 +74,31 @@ impl NetfilterCapture {
         let loaded = loader::load(EBPF_OBJECT, &config, options.ring_bytes)?;
         let mut links = Vec::with_capacity(2);
         for pf in [sys::NFPROTO_IPV4, sys::NFPROTO_IPV6] {
-            let link = sys::link_netfilter(loaded.prog.as_fd(), pf, sys::NF_INET_POST_ROUTING, HOOK_PRIORITY)
-                .map_err(|e| match e.raw_os_error() {
-                    Some(libc::EINVAL | libc::EOPNOTSUPP) => CaptureError::Unsupported {
-                        feature: "BPF netfilter links",
-                        hint: "the netfilter backend needs Linux >= 6.4 with CONFIG_NETFILTER_BPF_LINK",
-                    },
-                    _ => CaptureError::Kernel { step: "link netfilter program", detail: e.to_string() },
-                })?;
+            let link = sys::link_netfilter(
+                loaded.prog.as_fd(),
+                pf,
+                sys::NF_INET_POST_ROUTING,
+                HOOK_PRIORITY,
+            )
+            .map_err(|e| match e.raw_os_error() {
+                Some(libc::EINVAL | libc::EOPNOTSUPP) => CaptureError::Unsupported {
+                    feature: "BPF netfilter links",
+                    hint: "the netfilter backend needs Linux >= 6.4 with CONFIG_NETFILTER_BPF_LINK",
+                },
+                _ => CaptureError::Kernel {
+                    step: "link netfilter program",
+                    detail: e.to_string(),
+                },
+            })?;
             links.push(link);
         }
-        Ok(Self { tuple: layout.tuple, events: loaded.events, lost: loaded.lost, links, _prog: loaded.prog })
+        Ok(Self {
+            tuple: layout.tuple,
+            events: loaded.events,
+            lost: loaded.lost,
+            links,
+            _prog: loaded.prog,
+        })
     }
 }
 
@@ -111,7 +135,10 @@ impl Capture for NetfilterCapture {
         let per_cpu = self
             .lost
             .get(&LOST_SLOT, 0)
-            .map_err(|e| CaptureError::Kernel { step: "read loss counter", detail: e.to_string() })?;
+            .map_err(|e| CaptureError::Kernel {
+                step: "read loss counter",
+                detail: e.to_string(),
+            })?;
         Ok(per_cpu.iter().sum())
     }
 

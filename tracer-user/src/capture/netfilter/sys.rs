@@ -79,9 +79,18 @@ fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
     // SAFETY: `attr` is a live, fully initialised `#[repr(C)]` prefix of `union bpf_attr`
     // and its size is passed alongside; the kernel zero-extends the rest.
     let ret = unsafe {
-        libc::syscall(libc::SYS_bpf, cmd, std::ptr::from_mut(attr).cast::<libc::c_void>(), size_of::<T>())
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            std::ptr::from_mut(attr).cast::<libc::c_void>(),
+            size_of::<T>(),
+        )
     };
-    if ret < 0 { Err(io::Error::last_os_error()) } else { Ok(ret) }
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
 }
 
 fn fd_from(ret: libc::c_long) -> OwnedFd {
@@ -99,7 +108,11 @@ pub struct LoadFailure {
 
 /// Loads a netfilter program. On failure, loads again with the verifier log on so the
 /// error can say why.
-pub fn prog_load_netfilter(name: &str, insns: &[Insn], license: &CStr) -> Result<OwnedFd, LoadFailure> {
+pub fn prog_load_netfilter(
+    name: &str,
+    insns: &[Insn],
+    license: &CStr,
+) -> Result<OwnedFd, LoadFailure> {
     let attempt = |log: Option<&mut Vec<u8>>| {
         let mut attr = ProgLoadAttr {
             prog_type: BPF_PROG_TYPE_NETFILTER,
@@ -126,13 +139,21 @@ pub fn prog_load_netfilter(name: &str, insns: &[Insn], license: &CStr) -> Result
         let text = String::from_utf8_lossy(&log[..end]);
         // The last lines say what the verifier rejected.
         let tail: Vec<&str> = text.lines().rev().take(12).collect();
-        LoadFailure { error, verifier_log: tail.into_iter().rev().collect::<Vec<_>>().join("\n") }
+        LoadFailure {
+            error,
+            verifier_log: tail.into_iter().rev().collect::<Vec<_>>().join("\n"),
+        }
     })
 }
 
 /// Links a loaded netfilter program to a hook in the caller's network namespace. The hook
 /// stays attached while the returned fd is open.
-pub fn link_netfilter(prog: BorrowedFd<'_>, pf: u32, hooknum: u32, priority: i32) -> io::Result<OwnedFd> {
+pub fn link_netfilter(
+    prog: BorrowedFd<'_>,
+    pf: u32,
+    hooknum: u32,
+    priority: i32,
+) -> io::Result<OwnedFd> {
     let mut attr = LinkCreateNetfilterAttr {
         prog_fd: u32::try_from(prog.as_raw_fd()).expect("fds are non-negative"),
         attach_type: BPF_NETFILTER,
@@ -159,7 +180,9 @@ pub fn map_update_key0(map: BorrowedFd<'_>, value: &[u8]) -> io::Result<()> {
 /// Freezes a map: no more writes from user space, and the verifier treats its contents
 /// as constants (needed for the offsets in `.rodata`).
 pub fn map_freeze(map: BorrowedFd<'_>) -> io::Result<()> {
-    let mut attr = MapFreezeAttr { map_fd: u32::try_from(map.as_raw_fd()).expect("fds are non-negative") };
+    let mut attr = MapFreezeAttr {
+        map_fd: u32::try_from(map.as_raw_fd()).expect("fds are non-negative"),
+    };
     bpf(BPF_MAP_FREEZE, &mut attr).map(drop)
 }
 

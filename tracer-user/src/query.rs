@@ -1,0 +1,710 @@
+//! The query engine and the `query` subcommand: who held a public address and port at a
+//! time (`--external IP:PORT --at TIME`), or what a subscriber held in a window
+//! (`--internal IP[:PORT] --from TIME --to TIME`).
+
+use std::io::{self, Write};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::binding::Binding;
+use crate::cliparse::{self, ParseError};
+use crate::coverage::Coverage;
+use crate::exit::{Status, UserError};
+use crate::output::{Format, write_bindings};
+use crate::storage::{ReadProblem, Snapshot, StorageError, read_filtered};
+
+/// Slack of `--external … --at` when `--slack` is not given.
+pub const DEFAULT_SLACK: &str = "2s";
+
+/// `nattrace query`: bindings of a public address and port at a time, or of a subscriber in
+/// a window. Exactly one of `--external` and `--internal`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct QueryArgs {
+    /// Data directory written by the agent.
+    #[arg(long, env = "NATTRACE_DATA_DIR", value_name = "DIR")]
+    pub data_dir: PathBuf,
+    /// Public address and port (203.0.113.7:40123, [2001:db8::1]:40123): who held it at --at.
+    #[arg(
+        long,
+        value_name = "IP:PORT",
+        required_unless_present = "internal",
+        conflicts_with = "internal",
+        requires = "at"
+    )]
+    pub external: Option<String>,
+    /// Time for --external: RFC 3339 (2026-11-02T10:14:07Z, any offset) or unix seconds (1793614447.25).
+    #[arg(long, value_name = "TIME", conflicts_with_all = ["internal", "from", "to"])]
+    pub at: Option<String>,
+    /// Tolerance around --at (2s, 500ms, 1m) [default: 2s].
+    #[arg(long, value_name = "DUR", conflicts_with = "internal")]
+    pub slack: Option<String>,
+    /// Subscriber address, with or without port (100.64.0.10, 100.64.0.10:40000, 2001:db8::10, [2001:db8::10]:40000).
+    #[arg(long, value_name = "IP[:PORT]", requires_all = ["from", "to"])]
+    pub internal: Option<String>,
+    /// Window start for --internal: RFC 3339 or unix seconds.
+    #[arg(long, value_name = "TIME", requires = "internal")]
+    pub from: Option<String>,
+    /// Window end for --internal: RFC 3339 or unix seconds.
+    #[arg(long, value_name = "TIME", requires = "internal")]
+    pub to: Option<String>,
+    /// Only this protocol: tcp, udp, icmp, icmpv6, or a number.
+    #[arg(long, value_name = "P")]
+    pub proto: Option<String>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
+}
+
+/// What to look for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// Bindings whose external (public) address and port are these.
+    External {
+        /// Public address.
+        ip: IpAddr,
+        /// Public port.
+        port: u16,
+    },
+    /// Bindings whose internal (subscriber) address, and port if given, are these.
+    Internal {
+        /// Subscriber address.
+        ip: IpAddr,
+        /// Subscriber port; any when `None`.
+        port: Option<u16>,
+    },
+}
+
+/// A parsed query: bindings of `target` (and `proto`) whose interval overlaps
+/// `[from_ns, to_ns]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Query {
+    /// Address (and port) to match.
+    pub target: Target,
+    /// Protocol to match; any when `None`.
+    pub proto: Option<u8>,
+    /// Window start, nanoseconds since the Unix epoch (`--at` minus slack, or `--from`).
+    pub from_ns: i64,
+    /// Window end, nanoseconds since the Unix epoch (`--at` plus slack, or `--to`).
+    pub to_ns: i64,
+}
+
+impl Query {
+    /// Checks the command-line values; errors name the flag and the value.
+    pub fn from_args(args: &QueryArgs) -> Result<Self, UserError> {
+        let proto = args
+            .proto
+            .as_deref()
+            .map(|p| flag("--proto", cliparse::parse_proto(p)))
+            .transpose()?;
+        match (&args.external, &args.internal) {
+            (Some(ext), None) => {
+                let (ip, port) = flag("--external", cliparse::parse_endpoint(ext, true))?;
+                let at = args
+                    .at
+                    .as_deref()
+                    .ok_or_else(|| UserError::bad_input("--external needs --at TIME"))?;
+                let at = time_arg("--at", at)?;
+                let slack = flag(
+                    "--slack",
+                    cliparse::parse_duration(args.slack.as_deref().unwrap_or(DEFAULT_SLACK)),
+                )?;
+                Ok(Self {
+                    target: Target::External {
+                        ip,
+                        port: port.expect("parse_endpoint(_, true) gives a port"),
+                    },
+                    proto,
+                    from_ns: at.saturating_sub(slack),
+                    to_ns: at.saturating_add(slack),
+                })
+            }
+            (None, Some(int)) => {
+                let (ip, port) = flag("--internal", cliparse::parse_endpoint(int, false))?;
+                let (Some(from_s), Some(to_s)) = (&args.from, &args.to) else {
+                    return Err(UserError::bad_input(
+                        "--internal needs --from TIME and --to TIME",
+                    ));
+                };
+                let from = time_arg("--from", from_s)?;
+                let to = time_arg("--to", to_s)?;
+                if to < from {
+                    return Err(UserError::bad_input(format!(
+                        "--to: '{to_s}' is before --from '{from_s}'"
+                    )));
+                }
+                Ok(Self {
+                    target: Target::Internal { ip, port },
+                    proto,
+                    from_ns: from,
+                    to_ns: to,
+                })
+            }
+            _ => Err(UserError::bad_input(
+                "give exactly one of --external IP:PORT and --internal IP[:PORT]",
+            )),
+        }
+    }
+
+    /// The binding is of the address (and port, and protocol) looked for. This depends only on
+    /// fields that do not change between the records of one binding id.
+    #[must_use]
+    pub fn matches_address(&self, b: &Binding) -> bool {
+        if self.proto.is_some_and(|p| p != b.proto) {
+            return false;
+        }
+        match self.target {
+            Target::External { ip, port } => b.external() == (ip, port),
+            Target::Internal { ip, port } => {
+                let (bip, bport) = b.internal();
+                bip == ip && port.is_none_or(|p| p == bport)
+            }
+        }
+    }
+
+    /// The binding's interval `[start, end]` overlaps the window; an open binding lasts until `now_ns`.
+    #[must_use]
+    pub fn overlaps(&self, b: &Binding, now_ns: i64) -> bool {
+        let end = b.end_ns.unwrap_or(now_ns.max(b.start_ns));
+        b.start_ns <= self.to_ns && end >= self.from_ns
+    }
+
+    /// The bindings of `bindings` the query selects, by start time (then id).
+    #[must_use]
+    pub fn select(&self, bindings: &[Binding], now_ns: i64) -> Vec<Binding> {
+        let mut out: Vec<Binding> = bindings
+            .iter()
+            .filter(|b| self.matches_address(b) && self.overlaps(b, now_ns))
+            .cloned()
+            .collect();
+        out.sort_by_key(|b| (b.start_ns, b.id));
+        out
+    }
+}
+
+/// Runs `nattrace query`: exit status 0 with results, 1 without, 2 for bad input, 3 when
+/// some data is unreadable (results still printed), 4 when the data dir is not readable.
+pub fn run(args: &QueryArgs) -> anyhow::Result<Status> {
+    let stdout = io::stdout();
+    let stderr = io::stderr();
+    ignore_broken_pipe(execute(
+        args,
+        now_ns(),
+        &mut stdout.lock(),
+        &mut stderr.lock(),
+    ))
+}
+
+/// [`run`] with the current time and output streams given.
+pub fn execute(
+    args: &QueryArgs,
+    now: i64,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> anyhow::Result<Status> {
+    let query = Query::from_args(args)?;
+    let snap = load(&args.data_dir, |b| query.matches_address(b))?;
+    let found = query.select(&snap.bindings, now);
+    report_problems(err, &snap.problems)?;
+    if let Some(w) = Coverage::compute(
+        &snap.events,
+        snap.agent_running,
+        now,
+        query.from_ns,
+        query.to_ns,
+    )
+    .warning()
+    {
+        writeln!(err, "nattrace: warning: {w}")?;
+    }
+    write_bindings(out, args.format, &found)?;
+    out.flush()?;
+    Ok(if !snap.problems.is_empty() {
+        Status::Partial
+    } else if found.is_empty() {
+        Status::NoResults
+    } else {
+        Status::Ok
+    })
+}
+
+/// Nanoseconds since the Unix epoch, now.
+#[must_use]
+pub fn now_ns() -> i64 {
+    let d = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    i64::try_from(d.as_nanos()).unwrap_or(i64::MAX)
+}
+
+/// Parses the TIME value of `flag`.
+pub(crate) fn time_arg(flag_name: &str, value: &str) -> Result<i64, UserError> {
+    flag(flag_name, cliparse::parse_time(value))
+}
+
+fn flag<T>(flag_name: &str, r: Result<T, ParseError>) -> Result<T, UserError> {
+    r.map_err(|e| UserError::bad_input(format!("{flag_name}: {e}")))
+}
+
+/// Reads the data directory (keeping the bindings `keep` accepts), turning a missing or
+/// unreadable directory into the user errors of exit status 2 and 4.
+pub(crate) fn load(
+    data_dir: &Path,
+    keep: impl FnMut(&Binding) -> bool,
+) -> anyhow::Result<Snapshot> {
+    match read_filtered(data_dir, keep) {
+        Ok(s) => Ok(s),
+        Err(StorageError::NotFound { .. }) => Err(UserError::bad_input(format!(
+            "--data-dir: '{}' does not exist or is not a directory",
+            data_dir.display()
+        ))
+        .into()),
+        Err(StorageError::PermissionDenied { .. }) => Err(UserError::environment(format!(
+            "cannot read {}: permission denied; run as a member of the data dir's group or as root",
+            data_dir.display()
+        ))
+        .into()),
+        Err(e) => Err(anyhow::Error::new(e).context(format!("cannot read {}", data_dir.display()))),
+    }
+}
+
+/// Prints each problem as `nattrace: <path>: offset <n>: <cause>`.
+pub(crate) fn report_problems(err: &mut dyn Write, problems: &[ReadProblem]) -> io::Result<()> {
+    for p in problems {
+        writeln!(
+            err,
+            "nattrace: {}: offset {}: {}",
+            p.path.display(),
+            p.offset,
+            p.cause
+        )?;
+    }
+    Ok(())
+}
+
+/// A closed stdout (`nattrace query … | head`) ends the command quietly.
+pub(crate) fn ignore_broken_pipe(r: anyhow::Result<Status>) -> anyhow::Result<Status> {
+    match r {
+        Err(e)
+            if e.downcast_ref::<io::Error>()
+                .is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe) =>
+        {
+            Ok(Status::Ok)
+        }
+        r => r,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::binding::{IPPROTO_UDP, IPS_DST_NAT, Tuple};
+    use crate::storage::testutil::binding;
+    use crate::storage::{CoverageEvent, Writer};
+
+    const T: i64 = 1_793_614_447_000_000_000; // 2026-11-02T10:14:07Z
+    const S: i64 = 1_000_000_000;
+
+    #[derive(Debug, clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: QueryArgs,
+    }
+
+    fn parse(argv: &[&str]) -> Result<QueryArgs, clap::Error> {
+        let mut full = vec!["nattrace-query", "--data-dir", "/nonexistent"];
+        full.extend_from_slice(argv);
+        Cli::try_parse_from(full).map(|c| c.args)
+    }
+
+    fn query(argv: &[&str]) -> Result<Query, UserError> {
+        Query::from_args(&parse(argv).unwrap())
+    }
+
+    #[test]
+    fn clap_requires_exactly_one_of_external_and_internal() {
+        assert!(parse(&["--external", "203.0.113.7:1", "--at", "0"]).is_ok());
+        assert!(parse(&["--internal", "100.64.0.10", "--from", "0", "--to", "1"]).is_ok());
+        assert!(parse(&[]).is_err());
+        assert!(
+            parse(&["--external", "203.0.113.7:1"]).is_err(),
+            "--at missing"
+        );
+        assert!(
+            parse(&["--internal", "100.64.0.10", "--from", "0"]).is_err(),
+            "--to missing"
+        );
+        assert!(
+            parse(&[
+                "--external",
+                "203.0.113.7:1",
+                "--at",
+                "0",
+                "--internal",
+                "100.64.0.10"
+            ])
+            .is_err()
+        );
+        assert!(
+            parse(&[
+                "--internal",
+                "1.2.3.4",
+                "--from",
+                "0",
+                "--to",
+                "1",
+                "--slack",
+                "1s"
+            ])
+            .is_err()
+        );
+        assert!(parse(&["--external", "203.0.113.7:1", "--at", "0", "--from", "0"]).is_err());
+        let a = parse(&[
+            "--external",
+            "203.0.113.7:1",
+            "--at",
+            "0",
+            "--format",
+            "csv",
+        ])
+        .unwrap();
+        assert_eq!(a.format, Format::Csv);
+        assert!(
+            parse(&[
+                "--external",
+                "203.0.113.7:1",
+                "--at",
+                "0",
+                "--format",
+                "xml"
+            ])
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn window_from_at_and_slack() {
+        let q = query(&[
+            "--external",
+            "[2001:db8::7]:40123",
+            "--at",
+            "2026-11-02T11:14:07+01:00",
+        ])
+        .unwrap();
+        assert_eq!(
+            q.target,
+            Target::External {
+                ip: "2001:db8::7".parse().unwrap(),
+                port: 40123
+            }
+        );
+        assert_eq!((q.from_ns, q.to_ns), (T - 2 * S, T + 2 * S));
+        let q = query(&[
+            "--external",
+            "203.0.113.7:1",
+            "--at",
+            "1793614447.5",
+            "--slack",
+            "500ms",
+            "--proto",
+            "udp",
+        ])
+        .unwrap();
+        assert_eq!((q.from_ns, q.to_ns), (T, T + S));
+        assert_eq!(q.proto, Some(IPPROTO_UDP));
+    }
+
+    #[test]
+    fn bad_input_names_flag_and_value() {
+        let msg = |argv: &[&str]| query(argv).unwrap_err().message;
+        assert!(
+            msg(&["--external", "203.0.113.7:70000", "--at", "0"])
+                .starts_with("--external: port 70000 in '203.0.113.7:70000'")
+        );
+        assert!(
+            msg(&["--external", "203.0.113.7", "--at", "0"])
+                .starts_with("--external: '203.0.113.7' has no port")
+        );
+        assert!(
+            msg(&["--external", "203.0.113.7:1", "--at", "tomorrow"])
+                .starts_with("--at: invalid time 'tomorrow'")
+        );
+        assert!(
+            msg(&["--external", "203.0.113.7:1", "--at", "0", "--slack", "2x"])
+                .starts_with("--slack: invalid duration '2x'")
+        );
+        assert!(
+            msg(&[
+                "--external",
+                "203.0.113.7:1",
+                "--at",
+                "0",
+                "--proto",
+                "sctpish"
+            ])
+            .starts_with("--proto: unknown protocol 'sctpish'")
+        );
+        assert_eq!(
+            msg(&[
+                "--internal",
+                "100.64.0.10",
+                "--from",
+                "2026-11-02T10:00:00Z",
+                "--to",
+                "2026-11-02T09:00:00Z"
+            ]),
+            "--to: '2026-11-02T09:00:00Z' is before --from '2026-11-02T10:00:00Z'"
+        );
+        let e = query(&["--internal", "100.64.0.10:x", "--from", "0", "--to", "1"]).unwrap_err();
+        assert_eq!(e.status, Status::BadInput);
+    }
+
+    #[test]
+    fn external_overlap_slack_and_proto() {
+        let q = query(&["--external", "203.0.113.7:40123", "--at", "1793614447"]).unwrap();
+        let mut udp = binding(6, 40123, T - 10 * S, Some(T + 10 * S));
+        udp.proto = IPPROTO_UDP;
+        let bs = vec![
+            binding(1, 40123, T - 10 * S, Some(T - 3 * S)), // ended before the window
+            binding(2, 40123, T - 10 * S, Some(T - 2 * S)), // ends at the window start: in
+            binding(3, 40123, T + 2 * S, None),             // starts at the window end: in
+            binding(4, 40123, T + 3 * S, None),             // starts after
+            binding(5, 40124, T - 10 * S, None),            // other port
+            udp,
+            binding(7, 40123, T - 100 * S, None), // open: lasts until now
+        ];
+        let ids = |q: &Query, now| q.select(&bs, now).iter().map(|b| b.id).collect::<Vec<_>>();
+        assert_eq!(ids(&q, T + 100 * S), vec![7, 2, 6, 3]);
+        // An open binding only lasts until now.
+        assert_eq!(ids(&q, T - 50 * S), vec![2, 6, 3]);
+        let q = query(&[
+            "--external",
+            "203.0.113.7:40123",
+            "--at",
+            "1793614447",
+            "--proto",
+            "tcp",
+            "--slack",
+            "0s",
+        ])
+        .unwrap();
+        assert_eq!(ids(&q, T + 100 * S), vec![7]);
+    }
+
+    #[test]
+    fn internal_with_and_without_port_and_dnat() {
+        let mut other_port = binding(2, 1, T, Some(T + S));
+        other_port.orig.src_port = 5555;
+        let mut dnat = binding(3, 1, T, Some(T + S));
+        dnat.status = IPS_DST_NAT;
+        dnat.orig = Tuple {
+            src: "198.51.100.9".parse().unwrap(),
+            dst: "203.0.113.7".parse().unwrap(),
+            src_port: 5555,
+            dst_port: 8080,
+        };
+        dnat.reply = Tuple {
+            src: "100.64.0.10".parse().unwrap(),
+            dst: "198.51.100.9".parse().unwrap(),
+            src_port: 80,
+            dst_port: 5555,
+        };
+        let bs = vec![binding(1, 1, T, Some(T + S)), other_port, dnat];
+        let ids = |argv: &[&str]| {
+            query(argv)
+                .unwrap()
+                .select(&bs, T)
+                .iter()
+                .map(|b| b.id)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            ids(&[
+                "--internal",
+                "100.64.0.10",
+                "--from",
+                "1793614447",
+                "--to",
+                "1793614448"
+            ]),
+            vec![1, 2, 3]
+        );
+        assert_eq!(
+            ids(&[
+                "--internal",
+                "100.64.0.10:40000",
+                "--from",
+                "1793614447",
+                "--to",
+                "1793614448"
+            ]),
+            vec![1]
+        );
+        assert_eq!(
+            ids(&[
+                "--internal",
+                "100.64.0.10:80",
+                "--from",
+                "1793614447",
+                "--to",
+                "1793614448"
+            ]),
+            vec![3]
+        );
+        assert_eq!(
+            ids(&[
+                "--internal",
+                "100.64.0.11",
+                "--from",
+                "1793614447",
+                "--to",
+                "1793614448"
+            ]),
+            Vec::<u64>::new()
+        );
+        assert_eq!(
+            ids(&[
+                "--internal",
+                "100.64.0.10",
+                "--from",
+                "1793614449",
+                "--to",
+                "1793614450"
+            ]),
+            Vec::<u64>::new()
+        );
+    }
+
+    fn run_in(dir: &Path, argv: &[&str], now: i64) -> (anyhow::Result<Status>, String, String) {
+        let mut full = vec!["nattrace-query", "--data-dir", dir.to_str().unwrap()];
+        full.extend_from_slice(argv);
+        let args = Cli::try_parse_from(full).unwrap().args;
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let r = execute(&args, now, &mut out, &mut err);
+        (
+            r,
+            String::from_utf8(out).unwrap(),
+            String::from_utf8(err).unwrap(),
+        )
+    }
+
+    #[test]
+    fn running_agent_covers_until_now() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = Writer::open(dir.path()).unwrap();
+        w.append_event(CoverageEvent::Attached {
+            t_ns: T - 10 * S,
+            backend: "ebpf".into(),
+        });
+        w.append_binding(&binding(1, 40123, T - 5 * S, None));
+        w.append_event(CoverageEvent::Heartbeat { t_ns: T - S });
+        w.flush().unwrap();
+        let argv = [
+            "--external",
+            "203.0.113.7:40123",
+            "--at",
+            "1793614447",
+            "--format",
+            "csv",
+        ];
+        let (r, out, err) = run_in(dir.path(), &argv, T + 5 * S);
+        assert_eq!(r.unwrap(), Status::Ok);
+        assert_eq!(err, "");
+        assert_eq!(out.lines().count(), 2);
+        // Once the agent is gone without detaching, coverage ends at its last heartbeat.
+        drop(w);
+        let (r, _, err) = run_in(dir.path(), &argv, T + 5 * S);
+        assert_eq!(r.unwrap(), Status::Ok);
+        assert!(
+            err.contains("not recording from 2026-11-02T10:14:06Z to 2026-11-02T10:14:09Z"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn end_to_end_statuses_warning_and_problems() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = Writer::open(dir.path()).unwrap();
+        w.append_event(CoverageEvent::AgentStart {
+            t_ns: T - 100 * S,
+            pid: 1,
+        });
+        w.append_event(CoverageEvent::Attached {
+            t_ns: T - 100 * S,
+            backend: "ebpf".into(),
+        });
+        w.append_binding(&binding(1, 40123, T - 5 * S, Some(T + 5 * S)));
+        w.append_event(CoverageEvent::Detached { t_ns: T + S });
+        w.close().unwrap();
+
+        let (r, out, err) = run_in(
+            dir.path(),
+            &[
+                "--external",
+                "203.0.113.7:40123",
+                "--at",
+                "2026-11-02T10:14:07Z",
+                "--format",
+                "json",
+            ],
+            T + 1000 * S,
+        );
+        assert_eq!(r.unwrap(), Status::Ok);
+        assert_eq!(out.lines().count(), 1);
+        assert!(out.contains("\"id\":1"));
+        assert_eq!(
+            err,
+            "nattrace: warning: 2026-11-02T10:14:05Z..2026-11-02T10:14:09Z is not fully covered by capture \
+             (not recording from 2026-11-02T10:14:08Z to 2026-11-02T10:14:09Z)\n"
+        );
+
+        let (r, out, err) = run_in(
+            dir.path(),
+            &[
+                "--external",
+                "203.0.113.7:40124",
+                "--at",
+                "2026-11-02T10:13:07Z",
+            ],
+            T,
+        );
+        assert_eq!(r.unwrap(), Status::NoResults);
+        assert_eq!((out.as_str(), err.as_str()), ("", ""));
+
+        // Corrupt the segment's first frame: partial.
+        let seg = dir.path().join("segments/00000001.seg");
+        let mut data = std::fs::read(&seg).unwrap();
+        data[40] ^= 0xff;
+        std::fs::write(&seg, data).unwrap();
+        let (r, _, err) = run_in(
+            dir.path(),
+            &[
+                "--external",
+                "203.0.113.7:40123",
+                "--at",
+                "2026-11-02T10:14:07Z",
+            ],
+            T,
+        );
+        assert_eq!(r.unwrap(), Status::Partial);
+        assert!(
+            err.starts_with(&format!(
+                "nattrace: {}: offset 32: frame checksum mismatch",
+                seg.display()
+            )),
+            "{err}"
+        );
+
+        let (r, _, _) = run_in(
+            &dir.path().join("missing"),
+            &["--external", "203.0.113.7:40123", "--at", "0"],
+            T,
+        );
+        let e = r.unwrap_err();
+        let ue = e.downcast_ref::<UserError>().unwrap();
+        assert_eq!(ue.status, Status::BadInput);
+        assert!(ue.message.starts_with("--data-dir: '"), "{}", ue.message);
+    }
+}

@@ -1,0 +1,967 @@
+//! The agent's side: appends bindings and coverage events to the active segment, rotates
+//! and seals segments, and recovers the segment a crashed agent left unsealed.
+
+use std::fmt;
+use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crate::binding::Binding;
+
+use super::lock::{self, DirLock};
+use super::segment::{self, FrameAt, HEADER_LEN, Header, Record, Seal, TARGET_PAYLOAD_LEN};
+use super::{
+    CoverageEvent, OPEN_EXT, SEALED_EXT, SEGMENTS_DIR, StorageError, parse_segment_name,
+    segment_name,
+};
+
+/// Tunables of a [`Writer`]; [`Default`] gives the documented values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WriterOptions {
+    /// Seal the active segment and start a new one once it is this large (default 64 MiB).
+    pub max_segment_bytes: u64,
+    /// Seal the active segment and start a new one once it is this old (default 1 hour).
+    pub max_segment_age: Duration,
+    /// Minimum time between two fsyncs of the active segment (default 1 second).
+    pub fsync_interval: Duration,
+}
+
+impl Default for WriterOptions {
+    fn default() -> Self {
+        Self {
+            max_segment_bytes: 64 << 20,
+            max_segment_age: Duration::from_secs(3600),
+            fsync_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// The writes the writer does to a segment file: a seam to inject I/O errors in tests.
+pub(crate) trait SegmentFile: fmt::Debug + Send {
+    /// Appends `buf` at the end of the file (all of it, or an error).
+    fn append(&mut self, buf: &[u8]) -> io::Result<()>;
+    /// fdatasync.
+    fn sync(&mut self) -> io::Result<()>;
+    /// Cuts the file to `len` bytes.
+    fn truncate(&mut self, len: u64) -> io::Result<()>;
+}
+
+/// Creates a new segment file (it must not exist yet).
+pub(crate) type Opener = Box<dyn FnMut(&Path) -> io::Result<Box<dyn SegmentFile>> + Send>;
+
+#[derive(Debug)]
+struct RealFile(File);
+
+impl SegmentFile for RealFile {
+    fn append(&mut self, buf: &[u8]) -> io::Result<()> {
+        self.0.write_all(buf)
+    }
+
+    fn sync(&mut self) -> io::Result<()> {
+        self.0.sync_data()
+    }
+
+    fn truncate(&mut self, len: u64) -> io::Result<()> {
+        self.0.set_len(len)
+    }
+}
+
+fn real_opener() -> Opener {
+    Box::new(|path: &Path| {
+        let f = OpenOptions::new()
+            .append(true)
+            .create_new(true)
+            .mode(0o640)
+            .open(path)?;
+        Ok(Box::new(RealFile(f)) as Box<dyn SegmentFile>)
+    })
+}
+
+/// A record waiting for the next flush.
+#[derive(Debug)]
+enum Pending {
+    Binding(Binding),
+    Event(CoverageEvent),
+}
+
+/// The segment being written.
+#[derive(Debug)]
+struct Active {
+    seq: u32,
+    path: PathBuf,
+    file: Box<dyn SegmentFile>,
+    /// Bytes of valid data in the file (header and complete frames).
+    len: u64,
+    created: Instant,
+    binding_records: u64,
+    event_records: u64,
+    data_frames: u64,
+    /// Frames were written since the last fsync.
+    unsynced: bool,
+    /// A failed append may have left partial bytes past `len`; they must be cut first.
+    dirty_tail: bool,
+    /// The seal frame is written (and synced); only the rename is left.
+    sealed: bool,
+}
+
+/// Writes one data directory. Exactly one `Writer` per directory at a time (flock on `DIR/LOCK`).
+pub struct Writer {
+    seg_dir: PathBuf,
+    options: WriterOptions,
+    opener: Opener,
+    active: Option<Active>,
+    /// Sequence number of the next segment to create.
+    next_seq: u32,
+    /// Sequence number of the first segment this writer created.
+    run: u32,
+    id_hi: u32,
+    id_lo: u64,
+    /// Seal the active segment and start a new one before writing more.
+    rotate_pending: bool,
+    pending: Vec<Pending>,
+    last_sync: Option<Instant>,
+    _lock: DirLock,
+}
+
+impl fmt::Debug for Writer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Writer")
+            .field("seg_dir", &self.seg_dir)
+            .field("active", &self.active.as_ref().map(|a| &a.path))
+            .field("pending", &self.pending.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Writer {
+    /// Creates DIR if missing (0750), takes an exclusive flock on DIR/LOCK (error
+    /// [`StorageError::Locked`] naming the holder's pid written in the file), recovers any
+    /// unsealed segment a crashed agent left (a torn tail frame is cut off at the last good
+    /// frame, then it is sealed), starts a new active segment.
+    pub fn open(dir: &Path) -> Result<Self, StorageError> {
+        Self::open_with_options(dir, WriterOptions::default())
+    }
+
+    /// [`Writer::open`] with other segment size, age and fsync limits.
+    pub fn open_with_options(dir: &Path, options: WriterOptions) -> Result<Self, StorageError> {
+        Self::open_with(dir, options, real_opener())
+    }
+
+    /// [`Writer::open_with_options`] creating segment files through `opener`.
+    pub(crate) fn open_with(
+        dir: &Path,
+        options: WriterOptions,
+        opener: Opener,
+    ) -> Result<Self, StorageError> {
+        let mut builder = DirBuilder::new();
+        builder.recursive(true).mode(0o750);
+        builder
+            .create(dir)
+            .map_err(|e| StorageError::io("create directory", dir, e))?;
+        let lock = lock::lock_exclusive(dir)?;
+        let seg_dir = dir.join(SEGMENTS_DIR);
+        builder
+            .create(&seg_dir)
+            .map_err(|e| StorageError::io("create directory", &seg_dir, e))?;
+
+        let mut max_seq = 0;
+        let mut unsealed = Vec::new();
+        let entries = fs::read_dir(&seg_dir).map_err(|e| StorageError::io("list", &seg_dir, e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| StorageError::io("list", &seg_dir, e))?;
+            let Some((seq, sealed)) = entry.file_name().to_str().and_then(parse_segment_name)
+            else {
+                continue;
+            };
+            max_seq = max_seq.max(seq);
+            if !sealed {
+                unsealed.push((seq, entry.path()));
+            }
+        }
+        unsealed.sort();
+        for (seq, path) in &unsealed {
+            recover(&seg_dir, *seq, path)?;
+        }
+        let first = max_seq
+            .checked_add(1)
+            .ok_or_else(|| StorageError::SequenceExhausted {
+                path: seg_dir.clone(),
+            })?;
+
+        let mut w = Self {
+            seg_dir,
+            options,
+            opener,
+            active: None,
+            next_seq: first,
+            run: first,
+            id_hi: first,
+            id_lo: 0,
+            rotate_pending: false,
+            pending: Vec::new(),
+            last_sync: None,
+            _lock: lock,
+        };
+        w.start_segment()?;
+        Ok(w)
+    }
+
+    /// A binding id not used before in this data directory: the sequence number of a segment
+    /// this writer creates, shifted left 32 bits, or'ed with a counter. Ids with high part `h`
+    /// are only ever written to segments numbered `h` or above, so the next writer, which starts
+    /// numbering above every segment on disk, cannot collide with them.
+    pub fn next_binding_id(&mut self) -> u64 {
+        let id = (u64::from(self.id_hi) << 32) | self.id_lo;
+        self.id_lo += 1;
+        if self.id_lo > u64::from(u32::MAX) {
+            // Counter used up: continue in the namespace of the next segment, created before
+            // any of these ids is written.
+            self.id_hi = self.next_seq.max(self.id_hi.saturating_add(1));
+            self.id_lo = 0;
+            self.rotate_pending = true;
+        }
+        id
+    }
+
+    /// Buffers a binding record; a later record with the same id supersedes it (an open
+    /// binding is written again when it ends).
+    pub fn append_binding(&mut self, b: &Binding) {
+        self.pending.push(Pending::Binding(b.clone()));
+    }
+
+    /// Buffers a coverage event record.
+    pub fn append_event(&mut self, e: CoverageEvent) {
+        self.pending.push(Pending::Event(e));
+    }
+
+    /// Number of records waiting for [`Writer::flush`].
+    #[must_use]
+    pub fn buffered_records(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Writes everything buffered as one frame (several above 4 MiB uncompressed) to the
+    /// active segment, visible to readers right after. fsyncs at most once per
+    /// `fsync_interval` (1 s). Rotates to a new segment past `max_segment_bytes` (64 MiB) or
+    /// `max_segment_age` (1 h). On an I/O error the records not yet written stay buffered
+    /// (nothing dropped) and the error is returned: call again later.
+    ///
+    /// If the write succeeded but the fsync or the rotation after it failed, the records are
+    /// written (not buffered again, so not duplicated), the error is returned, and the next
+    /// call starts a new segment first.
+    pub fn flush(&mut self) -> Result<(), StorageError> {
+        self.flush_inner(true)
+    }
+
+    /// Flushes, seals the active segment (fsync, rename to `.seg`, fsync the directory) and
+    /// releases the lock. On error the segment stays `.open` and is recovered by the next
+    /// [`Writer::open`]; records still buffered are lost.
+    pub fn close(mut self) -> Result<(), StorageError> {
+        self.flush_inner(false)?;
+        self.seal_active()
+    }
+
+    fn flush_inner(&mut self, rotate: bool) -> Result<(), StorageError> {
+        self.prepare()?;
+        if !self.pending.is_empty() {
+            self.write_pending()?;
+        }
+        let active = self
+            .active
+            .as_mut()
+            .expect("prepare() leaves an active segment");
+        let due = self
+            .last_sync
+            .is_none_or(|t| t.elapsed() >= self.options.fsync_interval);
+        if active.unsynced && due {
+            if let Err(e) = active.file.sync() {
+                // After a failed fsync the kernel may have dropped the pages: do not trust
+                // this file any more.
+                self.rotate_pending = true;
+                return Err(StorageError::io("fsync", &active.path, e));
+            }
+            active.unsynced = false;
+            self.last_sync = Some(Instant::now());
+        }
+        if rotate && self.rotation_due() {
+            self.rotate_pending = true;
+            self.prepare()?;
+        }
+        Ok(())
+    }
+
+    fn rotation_due(&self) -> bool {
+        self.active.as_ref().is_some_and(|a| {
+            a.len >= self.options.max_segment_bytes
+                || a.created.elapsed() >= self.options.max_segment_age
+        })
+    }
+
+    /// Makes the active segment writable: cuts a partial frame a failed write left, finishes
+    /// a pending rotation, creates the active segment if there is none.
+    fn prepare(&mut self) -> Result<(), StorageError> {
+        if let Some(a) = self.active.as_mut()
+            && a.dirty_tail
+        {
+            a.file
+                .truncate(a.len)
+                .map_err(|e| StorageError::io("truncate", &a.path, e))?;
+            a.dirty_tail = false;
+        }
+        if self.rotate_pending && self.active.is_some() {
+            self.seal_active()?;
+        }
+        if self.active.is_none() {
+            self.start_segment()?;
+        }
+        self.rotate_pending = false;
+        Ok(())
+    }
+
+    fn write_pending(&mut self) -> Result<(), StorageError> {
+        let active = self
+            .active
+            .as_mut()
+            .expect("prepare() leaves an active segment");
+        let mut bytes = Vec::new();
+        let mut payload = Vec::new();
+        let (mut bindings, mut events, mut frames) = (0, 0, 0);
+        let compress = |e| StorageError::Io {
+            op: "compress a frame for",
+            path: active.path.clone(),
+            source: e,
+        };
+        for p in &self.pending {
+            match p {
+                Pending::Binding(b) => {
+                    segment::encode_binding(&mut payload, b);
+                    bindings += 1;
+                }
+                Pending::Event(e) => {
+                    segment::encode_event(&mut payload, e);
+                    events += 1;
+                }
+            }
+            if payload.len() >= TARGET_PAYLOAD_LEN {
+                segment::encode_frame(&mut bytes, &payload).map_err(compress)?;
+                payload.clear();
+                frames += 1;
+            }
+        }
+        if !payload.is_empty() {
+            segment::encode_frame(&mut bytes, &payload).map_err(compress)?;
+            frames += 1;
+        }
+        if let Err(e) = active.file.append(&bytes) {
+            // Cut what may have been written of it; if that fails too, the next flush retries.
+            active.dirty_tail = active.file.truncate(active.len).is_err();
+            return Err(StorageError::io("write", &active.path, e));
+        }
+        active.len += bytes.len() as u64;
+        active.binding_records += bindings;
+        active.event_records += events;
+        active.data_frames += frames;
+        active.unsynced = true;
+        self.pending.clear();
+        Ok(())
+    }
+
+    /// Creates the next segment file, writes and syncs its header, syncs the directory.
+    fn start_segment(&mut self) -> Result<(), StorageError> {
+        let seq = self.next_seq.max(self.id_hi);
+        self.next_seq = seq
+            .checked_add(1)
+            .ok_or_else(|| StorageError::SequenceExhausted {
+                path: self.seg_dir.clone(),
+            })?;
+        let path = self.seg_dir.join(segment_name(seq, OPEN_EXT));
+        let header = Header {
+            seq,
+            created_ns: now_ns(),
+            run: self.run,
+        };
+        let mut file = (self.opener)(&path).map_err(|e| StorageError::io("create", &path, e))?;
+        let written = file.append(&header.encode()).and_then(|()| file.sync());
+        if let Err(e) = written.and_then(|()| sync_dir(&self.seg_dir)) {
+            // The file holds no records: remove it (a left-over is removed by the next open).
+            drop(file);
+            let _ = fs::remove_file(&path);
+            return Err(StorageError::io("create", &path, e));
+        }
+        self.last_sync = Some(Instant::now());
+        self.active = Some(Active {
+            seq,
+            path,
+            file,
+            len: HEADER_LEN as u64,
+            created: Instant::now(),
+            binding_records: 0,
+            event_records: 0,
+            data_frames: 0,
+            unsynced: false,
+            dirty_tail: false,
+            sealed: false,
+        });
+        Ok(())
+    }
+
+    /// Appends the seal frame, fsyncs, renames `.open` to `.seg`, fsyncs the directory.
+    /// Idempotent: a retry after a failure continues where it stopped.
+    fn seal_active(&mut self) -> Result<(), StorageError> {
+        let Some(a) = self.active.as_mut() else {
+            return Ok(());
+        };
+        if a.dirty_tail {
+            a.file
+                .truncate(a.len)
+                .map_err(|e| StorageError::io("truncate", &a.path, e))?;
+            a.dirty_tail = false;
+        }
+        if !a.sealed {
+            let seal = Seal {
+                binding_records: a.binding_records,
+                event_records: a.event_records,
+                data_frames: a.data_frames,
+                sealed_ns: now_ns(),
+            };
+            let frame = seal_frame(&seal).map_err(|e| StorageError::io("seal", &a.path, e))?;
+            if let Err(e) = a.file.append(&frame) {
+                a.dirty_tail = a.file.truncate(a.len).is_err();
+                return Err(StorageError::io("seal", &a.path, e));
+            }
+            a.len += frame.len() as u64;
+            a.sealed = true;
+        }
+        a.file
+            .sync()
+            .map_err(|e| StorageError::io("fsync", &a.path, e))?;
+        let sealed_path = self.seg_dir.join(segment_name(a.seq, SEALED_EXT));
+        fs::rename(&a.path, &sealed_path).map_err(|e| StorageError::io("rename", &a.path, e))?;
+        self.active = None;
+        sync_dir(&self.seg_dir).map_err(|e| StorageError::io("fsync", &self.seg_dir, e))?;
+        Ok(())
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        if !self.pending.is_empty() {
+            log::warn!(
+                "{}: writer dropped with {} records not written",
+                self.seg_dir.display(),
+                self.pending.len()
+            );
+        }
+    }
+}
+
+fn seal_frame(seal: &Seal) -> io::Result<Vec<u8>> {
+    let mut payload = Vec::new();
+    segment::encode_seal(&mut payload, seal);
+    let mut frame = Vec::new();
+    segment::encode_frame(&mut frame, &payload)?;
+    Ok(frame)
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+pub(crate) fn now_ns() -> i64 {
+    let d = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    i64::try_from(d.as_nanos()).unwrap_or(i64::MAX)
+}
+
+/// Recovers segment `seq` at `path` that a crashed agent left unsealed: keeps every complete
+/// frame, cuts a torn tail (an incomplete last frame, a last frame failing its checksum, or
+/// a frame length that cannot be right, and everything after it), appends the seal frame and
+/// renames it to `.seg`. A file too short for a header holds no records and is removed; a
+/// file with a broken header is renamed as it is (readers report it); a file of an unknown
+/// format version is left alone.
+fn recover(seg_dir: &Path, seq: u32, path: &Path) -> Result<(), StorageError> {
+    let io = |op, e| StorageError::io(op, path, e);
+    let data = fs::read(path).map_err(|e| io("read", e))?;
+    let sealed_path = seg_dir.join(segment_name(seq, SEALED_EXT));
+    if data.len() < HEADER_LEN {
+        log::warn!(
+            "{}: removing unsealed segment without records ({} bytes)",
+            path.display(),
+            data.len()
+        );
+        fs::remove_file(path).map_err(|e| io("remove", e))?;
+        return sync_dir(seg_dir).map_err(|e| StorageError::io("fsync", seg_dir, e));
+    }
+    match Header::decode(&data) {
+        Ok(_) => {}
+        Err(e @ segment::FormatError::UnsupportedVersion { .. }) => {
+            log::warn!("{}: not recovering: {e}", path.display());
+            return Ok(());
+        }
+        Err(e) => {
+            log::warn!("{}: sealing as is, unreadable header: {e}", path.display());
+            fs::rename(path, &sealed_path).map_err(|e| io("rename", e))?;
+            return sync_dir(seg_dir).map_err(|e| StorageError::io("fsync", seg_dir, e));
+        }
+    }
+
+    let mut seal = Seal::default();
+    let mut sealed = false;
+    let mut offset = HEADER_LEN;
+    let keep = loop {
+        match segment::frame_at(&data, offset) {
+            FrameAt::End => break offset,
+            FrameAt::Good { payload, next } => {
+                if let Ok(payload) = segment::decompress(payload) {
+                    let mut has_seal = false;
+                    let (mut b, mut e) = (0, 0);
+                    segment::decode_records(
+                        &payload,
+                        |r| match r {
+                            Record::Binding(_) => b += 1,
+                            Record::Event(_) => e += 1,
+                            Record::Seal(_) => has_seal = true,
+                        },
+                        |_| {},
+                    );
+                    if has_seal {
+                        // Crashed between writing the seal frame and the rename.
+                        sealed = true;
+                        break next;
+                    }
+                    seal.binding_records += b;
+                    seal.event_records += e;
+                }
+                seal.data_frames += 1;
+                offset = next;
+            }
+            FrameAt::BadChecksum { next, .. } if next < data.len() => {
+                // Damage inside the file, not a torn tail: keep it, readers report it.
+                seal.data_frames += 1;
+                offset = next;
+            }
+            FrameAt::BadChecksum { .. } | FrameAt::Incomplete(_) | FrameAt::BadLength(_) => {
+                break offset;
+            }
+        }
+    };
+
+    let mut file = OpenOptions::new()
+        .append(true)
+        .open(path)
+        .map_err(|e| io("open", e))?;
+    if keep < data.len() {
+        log::warn!(
+            "{}: cutting {} bytes of torn tail at offset {keep}",
+            path.display(),
+            data.len() - keep
+        );
+        file.set_len(keep as u64).map_err(|e| io("truncate", e))?;
+    }
+    if !sealed {
+        seal.sealed_ns = now_ns();
+        let frame = seal_frame(&seal).map_err(|e| io("seal", e))?;
+        file.write_all(&frame).map_err(|e| io("seal", e))?;
+    }
+    file.sync_all().map_err(|e| io("fsync", e))?;
+    drop(file);
+    fs::rename(path, &sealed_path).map_err(|e| io("rename", e))?;
+    sync_dir(seg_dir).map_err(|e| StorageError::io("fsync", seg_dir, e))?;
+    log::info!("{}: recovered unsealed segment", sealed_path.display());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU8, Ordering};
+
+    use super::*;
+    use crate::storage::testutil::binding;
+    use crate::storage::{ReadProblem, read_all};
+
+    fn heartbeat(t_ns: i64) -> CoverageEvent {
+        CoverageEvent::Heartbeat { t_ns }
+    }
+
+    fn files(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(dir.join(SEGMENTS_DIR))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn round_trip_through_writer_and_read_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = Writer::open(dir.path()).unwrap();
+        let mut written = Vec::new();
+        for i in 0..100 {
+            let id = w.next_binding_id();
+            let mut b = binding(
+                id,
+                1000 + i,
+                i64::from(i) * 1_000_000_000,
+                Some(i64::from(i) * 1_000_000_000 + 5),
+            );
+            if i % 2 == 0 {
+                b.orig.src = "2001:db8::10".parse().unwrap();
+                b.end_ns = None;
+            }
+            w.append_binding(&b);
+            written.push(b);
+        }
+        let events = vec![
+            CoverageEvent::AgentStart { t_ns: 1, pid: 7 },
+            CoverageEvent::Attached {
+                t_ns: 2,
+                backend: "ebpf".into(),
+            },
+            heartbeat(3),
+        ];
+        for e in &events {
+            w.append_event(e.clone());
+        }
+        assert_eq!(w.buffered_records(), 103);
+        w.flush().unwrap();
+        assert_eq!(w.buffered_records(), 0);
+
+        // Visible while the agent runs, from the .open segment.
+        let live = read_all(dir.path()).unwrap();
+        assert!(live.agent_running);
+        assert_eq!(live.bindings, written);
+        assert_eq!(live.problems, vec![]);
+
+        w.close().unwrap();
+        assert_eq!(files(dir.path()), vec!["00000001.seg"]);
+        let snap = read_all(dir.path()).unwrap();
+        assert_eq!(snap.bindings, written);
+        assert_eq!(snap.events, events);
+        assert_eq!(snap.problems, vec![]);
+        assert_eq!(snap.segments, 1);
+        assert!(!snap.agent_running);
+        assert_eq!(
+            snap.bytes_on_disk,
+            fs::metadata(dir.path().join("segments/00000001.seg"))
+                .unwrap()
+                .len()
+        );
+    }
+
+    #[test]
+    fn open_binding_is_superseded_by_its_end_across_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = Writer::open(dir.path()).unwrap();
+        let id = w.next_binding_id();
+        let other = w.next_binding_id();
+        w.append_binding(&binding(id, 1, 10, None));
+        w.append_binding(&binding(other, 2, 20, None));
+        w.close().unwrap();
+
+        let mut open = crate::storage::open_bindings(dir.path()).unwrap();
+        open.sort_by_key(|b| b.id);
+        assert_eq!(
+            open,
+            vec![binding(id, 1, 10, None), binding(other, 2, 20, None)]
+        );
+
+        let mut w = Writer::open(dir.path()).unwrap();
+        let mut ended = binding(id, 1, 10, Some(30));
+        ended.end_approximate = true;
+        w.append_binding(&ended);
+        w.flush().unwrap();
+        let snap = read_all(dir.path()).unwrap();
+        assert_eq!(snap.bindings, vec![ended, binding(other, 2, 20, None)]);
+        drop(w);
+    }
+
+    #[test]
+    fn ids_are_unique_across_runs_and_counter_exhaustion() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = Writer::open(dir.path()).unwrap();
+        let a = w.next_binding_id();
+        assert_eq!(a, 1 << 32);
+        w.id_lo = u64::from(u32::MAX);
+        let last = w.next_binding_id();
+        let b = w.next_binding_id();
+        assert_eq!(last, (1 << 32) | u64::from(u32::MAX));
+        assert_eq!(b, 2 << 32);
+        w.append_binding(&binding(b, 1, 1, None));
+        w.flush().unwrap();
+        // The id with high part 2 went to segment 2, segment 1 was sealed first.
+        assert_eq!(files(dir.path()), vec!["00000001.seg", "00000002.open"]);
+        drop(w);
+        let mut w = Writer::open(dir.path()).unwrap();
+        assert_eq!(w.next_binding_id(), 3 << 32);
+        w.close().unwrap();
+        assert_eq!(
+            files(dir.path()),
+            vec!["00000001.seg", "00000002.seg", "00000003.seg"]
+        );
+    }
+
+    #[test]
+    fn second_writer_fails_with_locked() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = Writer::open(dir.path()).unwrap();
+        match Writer::open(dir.path()) {
+            Err(StorageError::Locked { path, pid }) => {
+                assert_eq!(path, dir.path().join("LOCK"));
+                assert_eq!(pid, Some(std::process::id()));
+            }
+            other => panic!("expected Locked, got {other:?}"),
+        }
+        w.close().unwrap();
+        Writer::open(dir.path()).unwrap().close().unwrap();
+    }
+
+    #[test]
+    fn creates_missing_dir_with_mode_0750() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("a/b");
+        Writer::open(&data).unwrap().close().unwrap();
+        let mode = fs::metadata(&data).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode & !0o750, 0, "mode {mode:o}");
+    }
+
+    #[test]
+    fn rotates_by_size_and_age() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = WriterOptions {
+            max_segment_bytes: 100,
+            ..WriterOptions::default()
+        };
+        let mut w = Writer::open_with_options(dir.path(), opts).unwrap();
+        for i in 0..3 {
+            let id = w.next_binding_id();
+            w.append_binding(&binding(id, i, 1, None));
+            w.flush().unwrap();
+        }
+        w.close().unwrap();
+        assert_eq!(
+            files(dir.path()),
+            vec![
+                "00000001.seg",
+                "00000002.seg",
+                "00000003.seg",
+                "00000004.seg"
+            ]
+        );
+        let snap = read_all(dir.path()).unwrap();
+        assert_eq!(snap.bindings.len(), 3);
+        assert_eq!(snap.problems, vec![]);
+
+        let dir = tempfile::tempdir().unwrap();
+        let opts = WriterOptions {
+            max_segment_age: Duration::ZERO,
+            ..WriterOptions::default()
+        };
+        let mut w = Writer::open_with_options(dir.path(), opts).unwrap();
+        w.append_event(heartbeat(1));
+        w.flush().unwrap();
+        w.append_event(heartbeat(2));
+        w.close().unwrap();
+        assert_eq!(files(dir.path()), vec!["00000001.seg", "00000002.seg"]);
+        assert_eq!(
+            read_all(dir.path()).unwrap().events,
+            vec![heartbeat(1), heartbeat(2)]
+        );
+    }
+
+    /// Fault modes of [`FaultyFile`].
+    const OK: u8 = 0;
+    const FAIL_WRITE: u8 = 1;
+    const PARTIAL_WRITE: u8 = 2;
+    const FAIL_SYNC: u8 = 3;
+
+    #[derive(Debug)]
+    struct FaultyFile {
+        inner: Box<dyn SegmentFile>,
+        mode: Arc<AtomicU8>,
+    }
+
+    impl SegmentFile for FaultyFile {
+        fn append(&mut self, buf: &[u8]) -> io::Result<()> {
+            match self.mode.load(Ordering::SeqCst) {
+                FAIL_WRITE => Err(io::Error::from_raw_os_error(libc::ENOSPC)),
+                PARTIAL_WRITE => {
+                    self.inner.append(&buf[..buf.len() / 2])?;
+                    Err(io::Error::from_raw_os_error(libc::ENOSPC))
+                }
+                _ => self.inner.append(buf),
+            }
+        }
+
+        fn sync(&mut self) -> io::Result<()> {
+            if self.mode.load(Ordering::SeqCst) == FAIL_SYNC {
+                return Err(io::Error::from_raw_os_error(libc::EIO));
+            }
+            self.inner.sync()
+        }
+
+        fn truncate(&mut self, len: u64) -> io::Result<()> {
+            self.inner.truncate(len)
+        }
+    }
+
+    /// An opener whose files fail as `mode` says.
+    fn faulty(mode: &Arc<AtomicU8>) -> Opener {
+        let mode = Arc::clone(mode);
+        let mut real = real_opener();
+        Box::new(move |path: &Path| {
+            let inner = real(path)?;
+            Ok(Box::new(FaultyFile {
+                inner,
+                mode: Arc::clone(&mode),
+            }) as Box<dyn SegmentFile>)
+        })
+    }
+
+    #[test]
+    fn failed_writes_keep_records_buffered_and_leave_no_garbage() {
+        let dir = tempfile::tempdir().unwrap();
+        let mode = Arc::new(AtomicU8::new(OK));
+        let mut w = Writer::open_with(dir.path(), WriterOptions::default(), faulty(&mode)).unwrap();
+        w.append_binding(&binding(1, 1, 1, None));
+        w.flush().unwrap();
+
+        mode.store(FAIL_WRITE, Ordering::SeqCst);
+        w.append_binding(&binding(2, 2, 2, None));
+        let err = w.flush().unwrap_err();
+        assert!(
+            matches!(err, StorageError::Io { op: "write", .. }),
+            "{err:?}"
+        );
+        assert_eq!(w.buffered_records(), 1);
+
+        mode.store(PARTIAL_WRITE, Ordering::SeqCst);
+        w.append_binding(&binding(3, 3, 3, None));
+        assert!(w.flush().is_err());
+        assert_eq!(w.buffered_records(), 2);
+
+        mode.store(OK, Ordering::SeqCst);
+        w.flush().unwrap();
+        assert_eq!(w.buffered_records(), 0);
+        w.close().unwrap();
+        let snap = read_all(dir.path()).unwrap();
+        assert_eq!(snap.problems, Vec::<ReadProblem>::new());
+        let ids: Vec<u64> = snap.bindings.iter().map(|b| b.id).collect();
+        assert_eq!(ids, vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn failed_fsync_returns_error_and_moves_to_a_new_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        let mode = Arc::new(AtomicU8::new(OK));
+        let opts = WriterOptions {
+            fsync_interval: Duration::ZERO,
+            ..WriterOptions::default()
+        };
+        let mut w = Writer::open_with(dir.path(), opts, faulty(&mode)).unwrap();
+        mode.store(FAIL_SYNC, Ordering::SeqCst);
+        w.append_binding(&binding(1, 1, 1, None));
+        assert!(matches!(
+            w.flush(),
+            Err(StorageError::Io { op: "fsync", .. })
+        ));
+        assert_eq!(
+            w.buffered_records(),
+            0,
+            "written records are not buffered again"
+        );
+        mode.store(OK, Ordering::SeqCst);
+        w.append_binding(&binding(2, 2, 2, None));
+        w.flush().unwrap();
+        assert_eq!(files(dir.path()), vec!["00000001.seg", "00000002.open"]);
+        w.close().unwrap();
+        let snap = read_all(dir.path()).unwrap();
+        assert_eq!(snap.bindings.len(), 2);
+        assert_eq!(snap.problems, vec![]);
+    }
+
+    /// Leaves an unsealed segment as a crashed agent would: flushed frames, no seal.
+    fn crash(dir: &Path, bindings: &[Binding]) -> PathBuf {
+        let mut w = Writer::open(dir).unwrap();
+        for b in bindings {
+            w.append_binding(b);
+            w.flush().unwrap();
+        }
+        let path = w.active.as_ref().unwrap().path.clone();
+        drop(w);
+        path
+    }
+
+    #[test]
+    fn torn_tail_of_open_segment_is_cut_on_recovery() {
+        let dir = tempfile::tempdir().unwrap();
+        let bs: Vec<Binding> = (1..=3).map(|i| binding(i, 1, 1, None)).collect();
+        let path = crash(dir.path(), &bs);
+        let original = fs::read(&path).unwrap();
+        let full = original.len() as u64;
+        // Tear the last frame: keep only 5 bytes of it.
+        let mut last = Vec::new();
+        segment::encode_binding(&mut last, &bs[2]);
+        let mut frame = Vec::new();
+        segment::encode_frame(&mut frame, &last).unwrap();
+        let torn_at = full - frame.len() as u64;
+        OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(torn_at + 5)
+            .unwrap();
+
+        // Readers ignore the torn tail of an .open file.
+        let snap = read_all(dir.path()).unwrap();
+        assert_eq!(snap.problems, vec![]);
+        assert_eq!(snap.bindings, bs[..2].to_vec());
+
+        Writer::open(dir.path()).unwrap().close().unwrap();
+        assert_eq!(files(dir.path()), vec!["00000001.seg", "00000002.seg"]);
+        let sealed = fs::read(dir.path().join("segments/00000001.seg")).unwrap();
+        assert_eq!(sealed[..torn_at as usize], original[..torn_at as usize]);
+        assert_ne!(sealed.len() as u64, torn_at + 5);
+        let snap = read_all(dir.path()).unwrap();
+        assert_eq!(snap.problems, vec![]);
+        assert_eq!(snap.bindings, bs[..2].to_vec());
+    }
+
+    #[test]
+    fn recovery_handles_zeroed_tail_and_headerless_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let bs = vec![binding(1, 1, 1, None)];
+        let path = crash(dir.path(), &bs);
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(&[0u8; 4096]).unwrap();
+        drop(f);
+        fs::write(dir.path().join("segments/00000002.open"), b"NATT").unwrap();
+        Writer::open(dir.path()).unwrap().close().unwrap();
+        assert_eq!(files(dir.path()), vec!["00000001.seg", "00000003.seg"]);
+        let snap = read_all(dir.path()).unwrap();
+        assert_eq!(snap.problems, vec![]);
+        assert_eq!(snap.bindings, bs);
+    }
+
+    #[test]
+    fn recovery_finishes_a_seal_interrupted_before_the_rename() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = Writer::open(dir.path()).unwrap();
+        w.append_binding(&binding(1, 1, 1, None));
+        w.close().unwrap();
+        fs::rename(
+            dir.path().join("segments/00000001.seg"),
+            dir.path().join("segments/00000001.open"),
+        )
+        .unwrap();
+        Writer::open(dir.path()).unwrap().close().unwrap();
+        let snap = read_all(dir.path()).unwrap();
+        assert_eq!(snap.problems, vec![]);
+        assert_eq!(snap.bindings.len(), 1);
+    }
+}
