@@ -77,7 +77,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<Status> {
         UserError::environment(format!(
             "cannot use data dir {}: {}",
             args.data_dir.display(),
-            with_causes(e)
+            with_causes(&e)
         ))
     })?;
     let previous_open = storage::open_bindings(&args.data_dir).with_context(|| {
@@ -156,6 +156,9 @@ struct Agent {
     disk_failing: bool,
 }
 
+/// A conntrack dump running on a blocking thread.
+type DumpTask = JoinHandle<Result<Vec<CtEntry>, conntrack::ConntrackError>>;
+
 /// Raw fd for tokio's readiness; the owner outlives the registration.
 struct Fd(RawFd);
 
@@ -202,10 +205,7 @@ impl Agent {
         );
         let mut last_flush = tokio::time::Instant::now();
         let mut last_heartbeat = tokio::time::Instant::now();
-        let mut dump_task: Option<(
-            i64,
-            JoinHandle<Result<Vec<CtEntry>, conntrack::ConntrackError>>,
-        )> = None;
+        let mut dump_task: Option<(i64, DumpTask)> = None;
         let mut reconcile_due = false;
         loop {
             tokio::select! {
@@ -380,14 +380,15 @@ impl Agent {
                 // Records stay buffered and are written by a later flush.
                 if !self.disk_failing {
                     error!(
-                        "writing segment failed, keeping {} records in memory: {e}",
-                        self.writer.buffered_records()
+                        "writing segment failed, keeping {} records in memory: {}",
+                        self.writer.buffered_records(),
+                        with_causes(&e)
                     );
                     self.writer.append_event(CoverageEvent::Loss {
                         t_ns: now_unix_ns(),
                         cause: LossCause::DiskError,
                         count: 0,
-                        detail: format!("segment write failed ({e}); records held in memory until the disk accepts them"),
+                        detail: format!("segment write failed ({}); records held in memory until the disk accepts them", with_causes(&e)),
                     });
                 }
                 self.disk_failing = true;
@@ -419,13 +420,20 @@ impl Agent {
 }
 
 /// An error and all its causes on one line ("a: b: c").
-fn with_causes(e: impl std::error::Error + Send + Sync + 'static) -> String {
-    format!("{:#}", anyhow::Error::new(e))
+fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
 }
 
 /// A kernel or system error that stops the agent: exit status 4, with its causes.
 fn environment(e: impl std::error::Error + Send + Sync + 'static) -> UserError {
-    UserError::environment(with_causes(e))
+    UserError::environment(with_causes(&e))
 }
 
 /// Tells systemd (Type=notify) the agent is ready, when started by it.

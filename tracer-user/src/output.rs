@@ -373,7 +373,10 @@ mod tests {
     #[test]
     fn csv_has_header_and_empty_unknowns() {
         let mut b = v6_binding();
+        // A protocol without a name, with ports: the external port is the reply's
+        // destination port (for ICMP it was the echo id in the reply's source port).
         b.proto = 132;
+        b.reply.dst_port = 9;
         let mut out = Vec::new();
         write_bindings(&mut out, Format::Csv, &[b]).unwrap();
         let text = String::from_utf8(out).unwrap();
