@@ -1,0 +1,222 @@
+//! Every binding is captured: over a thousand TCP, UDP and ICMP bindings over IPv4 (SNAT pool
+//! with a port range) and IPv6 (NAT66), each found by "who held the external address and port
+//! the server saw, at the time the server saw it", with the right subscriber and destination,
+//! a start close to conntrack's NEW and an end within a second of conntrack's DESTROY, as seen
+//! by an independent `conntrack -E`; a sample is asked while the agent runs, within a second of
+//! the binding's creation; and the agent reports no loss.
+
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::anyhow;
+use nattrace_e2e::agent::{Agent, Losses};
+use nattrace_e2e::check::{Tally, TimeArg, end_matches, start_matches, who_held};
+use nattrace_e2e::conntrack_truth::{ConntrackListener, delete_chunked, evict_expired, flow_key};
+use nattrace_e2e::lab::{Lab, LabConfig, expiry_wait};
+use nattrace_e2e::traffic::{FlowKind, FlowTruth, Servers, TrafficPlan, generate};
+
+/// Live batches: one flow of each kind from one subscriber each, queried at once.
+const LIVE_BATCHES: usize = 17;
+/// Bulk flows of each kind from each subscriber.
+const BULK_PER_KIND: usize = 8;
+/// How soon after its creation a binding must be answerable while the agent runs.
+const LIVE_WITHIN: Duration = Duration::from_secs(1);
+/// How close nattrace's start and end must be to conntrack's NEW and DESTROY.
+const TOLERANCE: Duration = Duration::from_secs(1);
+
+#[test]
+#[ignore = "privileged end-to-end test: run as root with `cargo xtask test`"]
+fn every_binding_is_captured() {
+    let lab = Lab::new(LabConfig::default()).expect("building the lab");
+    let servers = Servers::start(&lab).expect("starting the servers");
+    // The truth listener runs before any traffic.
+    let listener = ConntrackListener::start(&lab).expect("starting conntrack -E");
+    let data = tempfile::tempdir().expect("temp data dir");
+    let mut agent = Agent::start(&lab, data.path(), &[]).expect("starting the agent");
+    let cli = agent.cli.clone();
+    let mut tally = Tally::default();
+
+    // Live: query each binding right after the server saw it, retrying until a second passed.
+    let mut flows: Vec<FlowTruth> = Vec::new();
+    let mut slowest = Duration::ZERO;
+    for b in 0..LIVE_BATCHES {
+        let plan = TrafficPlan {
+            kinds: FlowKind::ALL.to_vec(),
+            subscribers: vec![b % lab.subscribers_v4.len()],
+            flows_per_kind: 1,
+            threads: 2,
+        };
+        let batch = generate(&lab, &servers, &plan).expect("generating live traffic");
+        for f in &batch {
+            let result = loop {
+                let r = who_held(&cli, f, f.seen_at, TimeArg::Rfc3339);
+                let age = SystemTime::now()
+                    .duration_since(f.seen_at)
+                    .unwrap_or_default();
+                if r.is_ok() {
+                    slowest = slowest.max(age);
+                    break r.map(drop);
+                }
+                if age >= LIVE_WITHIN {
+                    break r.map(drop).map_err(|e| {
+                        e.context(format!("not answerable within {LIVE_WITHIN:?} of creation"))
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            };
+            tally.check("live: found within 1 s", result);
+        }
+        flows.extend(batch);
+    }
+    println!(
+        "live: {} bindings queried while the agent ran; slowest answer {slowest:.2?} after creation",
+        flows.len()
+    );
+
+    let t0 = Instant::now();
+    let bulk = generate(
+        &lab,
+        &servers,
+        &TrafficPlan::everything(&lab, BULK_PER_KIND),
+    )
+    .expect("generating traffic");
+    println!("bulk: {} flows in {:.2?}", bulk.len(), t0.elapsed());
+    flows.extend(bulk);
+    assert!(flows.len() >= 1000, "only {} flows", flows.len());
+
+    // Ends: the timeouts pass, a dump reaps expired entries, stragglers are deleted a few
+    // dozen at a time; conntrack -E must have seen every end.
+    std::thread::sleep(expiry_wait(&lab));
+    evict_expired(&lab).expect("conntrack -L");
+    let mut sources = lab.subscribers(false);
+    sources.extend(lab.subscribers(true));
+    let forced = delete_chunked(&lab, &sources, &[6, 17, 1, 58]).expect("chunked conntrack -D");
+    let keys: Vec<_> = flows.iter().map(flow_key).collect();
+    let first = flows.iter().map(|f| f.sent_at).min().expect("flows");
+    let missing = listener.wait_for_destroys(&keys, first, Duration::from_secs(15));
+    assert!(
+        missing.is_empty(),
+        "lab truth incomplete: conntrack -E saw no DESTROY for {} flows, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(3)]
+    );
+    listener.check_no_overrun().expect("lab truth incomplete");
+    println!(
+        "ends: {forced} stragglers forced; conntrack -E saw all {} ends",
+        keys.len()
+    );
+    // The agent gets the same DESTROY events; give it a moment to write them.
+    std::thread::sleep(Duration::from_millis(1500));
+
+    let live_stats = cli.stats().expect("nattrace stats while running");
+    println!("stats while running: {live_stats}");
+    tally.check(
+        "stats: agent_running while it runs",
+        if live_stats["agent_running"] == serde_json::Value::Bool(true) {
+            Ok(())
+        } else {
+            Err(anyhow!("agent_running is not true: {live_stats}"))
+        },
+    );
+    agent.stop().expect("stopping the agent");
+
+    let stats = cli.stats().expect("nattrace stats");
+    println!("stats after stop: {stats}");
+    tally.check(
+        "stats: no loss",
+        Losses::from_stats(&stats).and_then(|l| {
+            if l.is_zero() {
+                Ok(())
+            } else {
+                Err(anyhow!("losses {l:?} in {stats}"))
+            }
+        }),
+    );
+    tally.check(
+        "stats: agent_running after stop",
+        if stats["agent_running"] == serde_json::Value::Bool(false) {
+            Ok(())
+        } else {
+            Err(anyhow!("agent_running is not false: {stats}"))
+        },
+    );
+    tally.check(
+        "stats: bindings >= flows",
+        match stats["bindings"].as_u64() {
+            Some(n) if n >= flows.len() as u64 => Ok(()),
+            other => Err(anyhow!(
+                "stats.bindings = {other:?}, {} flows were made: {stats}",
+                flows.len()
+            )),
+        },
+    );
+    tally.check(
+        "stats: nothing open",
+        match stats["open_bindings"].as_u64() {
+            Some(0) => Ok(()),
+            other => Err(anyhow!(
+                "stats.open_bindings = {other:?} after every binding ended: {stats}"
+            )),
+        },
+    );
+
+    // Every flow, from the stored data.
+    let index = listener.index();
+    for (i, f) in flows.iter().enumerate() {
+        let format = if i % 2 == 0 {
+            TimeArg::Rfc3339
+        } else {
+            TimeArg::Unix
+        };
+        let record = match who_held(&cli, f, f.seen_at, format) {
+            Ok(r) => r,
+            Err(e) => {
+                tally.check("found (external, time, proto)", Err(e));
+                continue;
+            }
+        };
+        tally.check("found (external, time, proto)", Ok(()));
+        tally.check(
+            "start from the ring, exact",
+            if record.start_source == "ring" && !record.start_approximate {
+                Ok(())
+            } else {
+                Err(anyhow!(
+                    "start_source {} approximate {}: {}",
+                    record.start_source,
+                    record.start_approximate,
+                    record.raw
+                ))
+            },
+        );
+        tally.check(
+            "start within 1 s of NEW",
+            index
+                .new_of(f)
+                .ok_or_else(|| anyhow!("no NEW for {f:?}"))
+                .and_then(|t| start_matches(&record, f, t, TOLERANCE)),
+        );
+        tally.check(
+            "end within 1 s of DESTROY",
+            index
+                .destroy_of(f)
+                .ok_or_else(|| anyhow!("no DESTROY for {f:?}"))
+                .and_then(|t| end_matches(&record, f, t, TOLERANCE)),
+        );
+        tally.check(
+            "end exact",
+            if record.end_approximate {
+                Err(anyhow!("end_approximate with no loss: {}", record.raw))
+            } else {
+                Ok(())
+            },
+        );
+    }
+    tally.finish("every_binding_is_captured");
+    println!(
+        "totals: {} bindings checked ({} live), {} starts checked, {} ends checked",
+        tally.count("found (external, time, proto)"),
+        tally.count("live: found within 1 s"),
+        tally.count("start within 1 s of NEW"),
+        tally.count("end within 1 s of DESTROY")
+    );
+}
