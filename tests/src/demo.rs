@@ -82,6 +82,10 @@ pub fn run(nattrace_bin: &Path) -> Result<()> {
             .unwrap_or_default()
             .as_secs_f64()
     );
+    // Queries look ±2 s around the asked time (clock skew between the requester's log and
+    // ours); start the traffic a little later so those windows lie inside the recording and
+    // nattrace has no reason to warn that it was not capturing.
+    std::thread::sleep(std::time::Duration::from_secs(3));
 
     heading(
         3,
