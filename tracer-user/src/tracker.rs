@@ -246,22 +246,12 @@ impl Tracker {
             if self.open.contains_key(&key) || self.early_ends.contains_key(&key) {
                 continue;
             }
-            let binding = Binding {
-                id: alloc(),
-                proto: entry.proto,
-                zone: entry.zone,
-                mark: entry.mark,
-                status: entry.status,
-                orig: entry.orig,
-                reply: entry.reply,
-                start_ns: entry.start_ns.unwrap_or(dump_ns),
-                start_approximate: true,
-                start_source: StartSource::Dump,
-                end_ns: None,
-                end_approximate: false,
-                orig_counters: None,
-                reply_counters: None,
-            };
+            let binding = binding_from_entry(
+                entry,
+                alloc(),
+                entry.start_ns.unwrap_or(dump_ns),
+                StartSource::Dump,
+            );
             out.push(binding.clone());
             self.insert_open(Open {
                 binding,
@@ -319,7 +309,25 @@ fn apply_end(binding: &mut Binding, entry: &CtEntry, received_ns: i64) {
 fn binding_from_end_only(end: &EarlyEnd, id: u64) -> Binding {
     let entry = &end.entry;
     let end_ns = entry.stop_ns.unwrap_or(end.received_ns);
-    let mut binding = Binding {
+    let mut binding = binding_from_entry(
+        entry,
+        id,
+        entry.start_ns.unwrap_or(end_ns),
+        StartSource::Destroy,
+    );
+    apply_end(&mut binding, entry, end.received_ns);
+    binding
+}
+
+/// An open binding made from a conntrack entry rather than a captured first packet: its
+/// start is approximate.
+fn binding_from_entry(
+    entry: &CtEntry,
+    id: u64,
+    start_ns: i64,
+    start_source: StartSource,
+) -> Binding {
+    Binding {
         id,
         proto: entry.proto,
         zone: entry.zone,
@@ -327,16 +335,14 @@ fn binding_from_end_only(end: &EarlyEnd, id: u64) -> Binding {
         status: entry.status,
         orig: entry.orig,
         reply: entry.reply,
-        start_ns: entry.start_ns.unwrap_or(end_ns),
+        start_ns,
         start_approximate: true,
-        start_source: StartSource::Destroy,
+        start_source,
         end_ns: None,
         end_approximate: false,
         orig_counters: None,
         reply_counters: None,
-    };
-    apply_end(&mut binding, entry, end.received_ns);
-    binding
+    }
 }
 
 #[cfg(test)]

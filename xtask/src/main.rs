@@ -104,12 +104,15 @@ fn test(no_e2e: bool) -> anyhow::Result<()> {
     require_root("test (end-to-end part)")?;
     let bin = build_release()?;
     step("end-to-end tests", || {
+        // The privileged tests are #[ignore]d so that a plain `cargo test` runs anywhere;
+        // here they run, one at a time (they share the machine's CPUs and conntrack sysctls).
         cargo(&[
             "test",
             "--release",
             "-p",
             "nattrace-e2e",
             "--",
+            "--ignored",
             "--test-threads=1",
         ])
         .env("NATTRACE_BIN", &bin)
