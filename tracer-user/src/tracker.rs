@@ -14,13 +14,24 @@
 //!
 //! The tracker does no I/O: every record to store is pushed to an output vector.
 
-use std::collections::{HashMap, HashSet, VecDeque, hash_map::Entry};
+use std::collections::{VecDeque, hash_map::Entry};
+
+use smallvec::SmallVec;
 
 use crate::{
     binding::{Binding, ConntrackKey, StartSource},
     capture::StartEvent,
     conntrack::CtEntry,
 };
+
+/// Hash maps keyed by conntrack tuples. Subscribers choose their ports, so the hasher is
+/// randomly seeded (foldhash), and fast: the agent looks a key up for every start and end.
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+type HashSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
+
+/// The open bindings of one key, oldest first. Almost always exactly one: kept inline, so
+/// opening a binding allocates nothing beyond its slot in the map.
+type OpenList = SmallVec<[Open; 1]>;
 
 /// An open binding and the last time the agent knew it was alive.
 #[derive(Clone, Debug)]
@@ -40,7 +51,7 @@ struct EarlyEnd {
 pub struct Tracker {
     /// Open bindings by conntrack key, oldest first (a key can be reused after an entry
     /// ends, before that end has been read).
-    open: HashMap<ConntrackKey, VecDeque<Open>>,
+    open: HashMap<ConntrackKey, OpenList>,
     open_count: usize,
     /// Ends read before their start.
     early_ends: HashMap<ConntrackKey, VecDeque<EarlyEnd>>,
@@ -225,12 +236,12 @@ impl Tracker {
                     continue;
                 }
                 let next_start = list.get(i + 1).map(|n| n.binding.start_ns);
-                let mut b = list.remove(i).expect("index checked").binding;
+                let mut b = list.remove(i).binding;
                 b.end_ns = Some(next_start.map_or(dump_ns, |s| s.min(dump_ns)));
                 b.end_approximate = true;
                 closed.push(b);
             }
-            if present && let Some(newest) = list.back_mut() {
+            if present && let Some(newest) = list.last_mut() {
                 newest.last_seen_ns = dump_ns;
             }
         }
@@ -263,10 +274,7 @@ impl Tracker {
     }
 
     fn insert_open(&mut self, open: Open) {
-        self.open
-            .entry(open.binding.key())
-            .or_default()
-            .push_back(open);
+        self.open.entry(open.binding.key()).or_default().push(open);
         self.open_count += 1;
     }
 
@@ -274,7 +282,8 @@ impl Tracker {
         let Entry::Occupied(mut slot) = self.open.entry(*key) else {
             return None;
         };
-        let open = slot.get_mut().pop_front();
+        let list = slot.get_mut();
+        let open = (!list.is_empty()).then(|| list.remove(0));
         if slot.get().is_empty() {
             slot.remove();
         }

@@ -37,7 +37,8 @@ enum Task {
     /// The main job on the embedded default: a network-namespace CGNAT lab with the agent,
     /// traffic, and an investigator's questions answered.
     Demo,
-    /// Measure the NAT's new-binding rate with and without the tracer, in the same run.
+    /// Measure the agent's per-binding cost against decoding alone, and the NAT's
+    /// new-binding rate with and without the tracer, each in the same run.
     Bench,
 }
 
@@ -61,17 +62,22 @@ fn main() -> anyhow::Result<()> {
             require_root("bench")?;
             setup::run()?;
             let bin = build_release()?;
-            cargo(&[
-                "run",
-                "--release",
-                "--quiet",
-                "-p",
-                "nattrace-e2e",
-                "--bin",
-                "nat-rate",
-            ])
-            .env("NATTRACE_BIN", &bin)
-            .status_ok()?;
+            step("agent hot path (per binding, against decode only)", || {
+                cargo(&["bench", "-p", "tracer-user", "--bench", "agent_path"]).status_ok()
+            })?;
+            step("NAT new-binding rate with and without the agent", || {
+                cargo(&[
+                    "run",
+                    "--release",
+                    "--quiet",
+                    "-p",
+                    "nattrace-e2e",
+                    "--bin",
+                    "nat-rate",
+                ])
+                .env("NATTRACE_BIN", &bin)
+                .status_ok()
+            })?;
         }
     }
     eprintln!("xtask: done in {:.0?}", started.elapsed());

@@ -40,13 +40,20 @@ pub enum LayoutError {
 /// Byte offsets inside `struct nf_conntrack_tuple`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TupleLayout {
-    src_addr: usize,
-    src_port: usize,
-    l3num: usize,
-    dst_addr: usize,
-    dst_port: usize,
-    protonum: usize,
-    size: usize,
+    /// `src.u3`: source address (4 bytes for IPv4, 16 for IPv6).
+    pub src_addr: usize,
+    /// `src.u`: source port or ICMP echo id, network byte order.
+    pub src_port: usize,
+    /// `src.l3num`: address family, host byte order.
+    pub l3num: usize,
+    /// `dst.u3`: destination address.
+    pub dst_addr: usize,
+    /// `dst.u`: destination port (ICMP type and code), network byte order.
+    pub dst_port: usize,
+    /// `dst.protonum`: L4 protocol.
+    pub protonum: usize,
+    /// `sizeof(struct nf_conntrack_tuple)`.
+    pub size: usize,
 }
 
 /// What the kernel layout tells the program (offsets) and the agent (how to decode tuples).
@@ -198,12 +205,6 @@ impl TupleLayout {
             status: ev.status,
             boot_ns: ev.boot_ns,
         })
-    }
-
-    /// Size of the kernel's tuple in bytes.
-    #[must_use]
-    pub fn size(&self) -> usize {
-        self.size
     }
 }
 
