@@ -20,6 +20,11 @@ const NFNLGRP_CONNTRACK_DESTROY: u32 = 3;
 /// Receive buffer for one datagram. Events are a few hundred bytes; the kernel builds dump
 /// datagrams of at most 32 KiB.
 const DATAGRAM_BUF_LEN: usize = 64 * 1024;
+/// Destroy events read per `recvmmsg(2)` call: one system call per event would cost the
+/// agent more than the rest of its work when many bindings end at once.
+const EVENTS_PER_READ: usize = 64;
+/// Room for one destroy event datagram (a few hundred bytes in practice).
+const EVENT_SLOT_LEN: usize = 8 * 1024;
 /// How many times a dump is started over when it is interrupted.
 const DUMP_ATTEMPTS: u32 = 3;
 /// Longest wait for the next datagram of a dump.
@@ -127,7 +132,7 @@ impl DestroyListener {
         log::debug!("listening to conntrack destroy events, receive buffer {rcvbuf} bytes");
         Ok(Self {
             socket,
-            buf: vec![0; DATAGRAM_BUF_LEN],
+            buf: vec![0; EVENTS_PER_READ * EVENT_SLOT_LEN],
             rcvbuf,
         })
     }
@@ -163,10 +168,8 @@ impl DestroyListener {
     /// skipped.
     pub fn drain(&mut self, out: &mut Vec<CtEntry>) -> Result<RecvOutcome, ConntrackError> {
         loop {
-            let n = match self
-                .socket
-                .recv(&mut &mut self.buf[..], libc::MSG_TRUNC | libc::MSG_DONTWAIT)
-            {
+            let mut lens = [0usize; EVENTS_PER_READ];
+            let received = match self.recv_batch(&mut lens) {
                 Ok(n) => n,
                 Err(e) => match e.raw_os_error() {
                     Some(libc::EINTR) => continue,
@@ -177,30 +180,78 @@ impl DestroyListener {
                     _ => return Err(ConntrackError::Recv { source: e }),
                 },
             };
-            if n > self.buf.len() {
-                log::warn!("skipped a {n}-byte ctnetlink datagram, larger than the receive buffer");
-                continue;
-            }
-            for msg in NlMsgs::new(&self.buf[..n]) {
-                let msg = match msg {
-                    Ok(msg) => msg,
-                    Err(e) => {
-                        log::warn!("skipped the rest of a ctnetlink datagram: {e}");
-                        break;
-                    }
-                };
-                if msg.kind == ctnl_msg_type(IPCTNL_MSG_CT_DELETE) {
-                    match decode_entry(msg.payload) {
-                        Ok(entry) => out.push(entry),
-                        Err(e) => log::warn!("skipped a conntrack destroy event: {e}"),
-                    }
-                } else {
-                    log::debug!(
-                        "ignored netlink message type {:#06x} on the destroy listener",
-                        msg.kind
+            for (slot, &len) in lens[..received].iter().enumerate() {
+                if len > EVENT_SLOT_LEN {
+                    log::warn!(
+                        "skipped a {len}-byte ctnetlink datagram, larger than {EVENT_SLOT_LEN} bytes"
                     );
+                    continue;
                 }
+                let start = slot * EVENT_SLOT_LEN;
+                decode_destroy_datagram(&self.buf[start..start + len], out);
             }
+        }
+    }
+
+    /// Receives up to [`EVENTS_PER_READ`] datagrams without blocking, one per slot of
+    /// `self.buf`, and stores each datagram's full length (larger than the slot when it was
+    /// truncated). Returns how many were received.
+    fn recv_batch(&mut self, lens: &mut [usize; EVENTS_PER_READ]) -> io::Result<usize> {
+        // SAFETY: all-zero is a valid value for these plain C structs.
+        let mut iovs: [libc::iovec; EVENTS_PER_READ] = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        let mut hdrs: [libc::mmsghdr; EVENTS_PER_READ] = unsafe { std::mem::zeroed() };
+        for (i, (iov, hdr)) in iovs.iter_mut().zip(hdrs.iter_mut()).enumerate() {
+            iov.iov_base = self.buf[i * EVENT_SLOT_LEN..].as_mut_ptr().cast();
+            iov.iov_len = EVENT_SLOT_LEN;
+            hdr.msg_hdr.msg_iov = std::ptr::from_mut(iov);
+            hdr.msg_hdr.msg_iovlen = 1;
+        }
+        // SAFETY: every header points at one live iovec over a distinct slot of `self.buf`,
+        // which outlives the call; the count matches the array.
+        let n = unsafe {
+            libc::recvmmsg(
+                self.socket.as_raw_fd(),
+                hdrs.as_mut_ptr(),
+                u32::try_from(EVENTS_PER_READ).expect("small"),
+                libc::MSG_DONTWAIT,
+                std::ptr::null_mut(),
+            )
+        };
+        let n = usize::try_from(n).map_err(|_| io::Error::last_os_error())?;
+        for (len, hdr) in lens.iter_mut().zip(&hdrs[..n]) {
+            let truncated = hdr.msg_hdr.msg_flags & libc::MSG_TRUNC != 0;
+            *len = if truncated {
+                EVENT_SLOT_LEN + 1
+            } else {
+                hdr.msg_len as usize
+            };
+        }
+        Ok(n)
+    }
+}
+
+/// Decodes the destroy events of one datagram into `out`; anything else is skipped, and a
+/// malformed message is logged and ends the datagram.
+fn decode_destroy_datagram(datagram: &[u8], out: &mut Vec<CtEntry>) {
+    for msg in NlMsgs::new(datagram) {
+        let msg = match msg {
+            Ok(msg) => msg,
+            Err(e) => {
+                log::warn!("skipped the rest of a ctnetlink datagram: {e}");
+                break;
+            }
+        };
+        if msg.kind == ctnl_msg_type(IPCTNL_MSG_CT_DELETE) {
+            match decode_entry(msg.payload) {
+                Ok(entry) => out.push(entry),
+                Err(e) => log::warn!("skipped a conntrack destroy event: {e}"),
+            }
+        } else {
+            log::debug!(
+                "ignored netlink message type {:#06x} on the destroy listener",
+                msg.kind
+            );
         }
     }
 }
