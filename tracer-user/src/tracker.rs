@@ -294,6 +294,10 @@ impl Tracker {
     }
 
     fn take_early_end(&mut self, key: &ConntrackKey) -> Option<EarlyEnd> {
+        // Almost always empty: skip hashing the key on every start.
+        if self.early_ends.is_empty() {
+            return None;
+        }
         let Entry::Occupied(mut slot) = self.early_ends.entry(*key) else {
             return None;
         };
