@@ -141,6 +141,21 @@ fn snapshot(cli: &Cli, flows: &[FlowTruth]) -> Vec<Value> {
     all
 }
 
+/// A one-subscriber lab, the nattrace binary and an empty data directory: what each case
+/// starts from.
+fn small_lab() -> (Lab, std::path::PathBuf, tempfile::TempDir) {
+    require_tools();
+    let lab = Lab::new(LabConfig {
+        subscribers: 1,
+        ..LabConfig::default()
+    })
+    .expect("building the lab");
+    let bin = nattrace_bin();
+    require_bin(&bin).unwrap_or_else(|e| panic!("{e:#}"));
+    let data = tempfile::tempdir().expect("temp data dir");
+    (lab, bin, data)
+}
+
 #[test]
 #[ignore = "privileged end-to-end test: run as root with `cargo xtask test`"]
 fn run_without_privileges_exits_4() {
@@ -180,15 +195,7 @@ fn run_without_privileges_exits_4() {
 #[test]
 #[ignore = "privileged end-to-end test: run as root with `cargo xtask test`"]
 fn run_without_btf_exits_4() {
-    require_tools();
-    let lab = Lab::new(LabConfig {
-        subscribers: 1,
-        ..LabConfig::default()
-    })
-    .expect("building the lab");
-    let bin = nattrace_bin();
-    require_bin(&bin).unwrap_or_else(|e| panic!("{e:#}"));
-    let data = tempfile::tempdir().expect("temp data dir");
+    let (lab, bin, data) = small_lab();
     // A private mount namespace in which /sys/kernel/btf is an empty tmpfs.
     let mut cmd = lab.command_in(Ns::Nat, "unshare");
     cmd.args([
@@ -205,15 +212,7 @@ fn run_without_btf_exits_4() {
 #[test]
 #[ignore = "privileged end-to-end test: run as root with `cargo xtask test`"]
 fn run_with_read_only_data_dir_exits_4() {
-    require_tools();
-    let lab = Lab::new(LabConfig {
-        subscribers: 1,
-        ..LabConfig::default()
-    })
-    .expect("building the lab");
-    let bin = nattrace_bin();
-    require_bin(&bin).unwrap_or_else(|e| panic!("{e:#}"));
-    let data = tempfile::tempdir().expect("temp data dir");
+    let (lab, bin, data) = small_lab();
     // Root ignores permission bits: a read-only mount is what makes it unwritable.
     let mut cmd = lab.command_in(Ns::Nat, "unshare");
     cmd.args([
