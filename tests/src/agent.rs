@@ -369,6 +369,12 @@ impl Agent {
         }
     }
 
+    /// The agent's process id (`ip netns exec` execs it in place), while it runs.
+    #[must_use]
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Everything the agent printed on stderr so far.
     #[must_use]
     pub fn stderr(&self) -> String {

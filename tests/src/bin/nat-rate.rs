@@ -20,7 +20,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use nattrace_e2e::agent::{Agent, Losses, nattrace_bin};
@@ -169,8 +169,20 @@ fn run() -> Result<()> {
 
     let data = tempfile::tempdir()?;
     let mut agent = Agent::start_with(&o.bin, &lab, data.path(), &[])?;
+    let pid = agent.pid().context("agent has no pid")?;
+    let (cpu_before, wall_before) = (cpu_seconds(pid)?, Instant::now());
     let with = measure(&lab, &o)?;
+    let (cpu, wall) = (
+        cpu_seconds(pid)? - cpu_before,
+        wall_before.elapsed().as_secs_f64(),
+    );
     print_rate("with agent", &with);
+    // On a small machine the agent's own CPU comes out of what the flood and the NAT get.
+    println!(
+        "agent CPU: {cpu:.2} s over {wall:.2} s of measuring ({:.2} cores), {:.0} ns per binding",
+        cpu / wall,
+        cpu * 1e9 / with.bindings as f64
+    );
     let stats = agent.cli.stats()?;
     agent.stop()?;
     let losses = Losses::from_stats(&stats)?;
@@ -183,6 +195,18 @@ fn run() -> Result<()> {
         with.per_second() / without.per_second()
     );
     Ok(())
+}
+
+/// User plus system CPU time of a process so far, in seconds (`/proc/PID/stat`).
+fn cpu_seconds(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let after = stat.rsplit_once(')').context("malformed /proc/PID/stat")?.1;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Ok(ticks as f64 / hz)
 }
 
 fn main() -> ExitCode {
