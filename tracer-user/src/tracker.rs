@@ -29,9 +29,10 @@ use crate::{
 type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 type HashSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 
-/// The open bindings of one key, oldest first. Almost always exactly one: kept inline, so
-/// opening a binding allocates nothing beyond its slot in the map.
-type OpenList = SmallVec<[Open; 1]>;
+/// The open bindings of one key, oldest first. Almost always exactly one, kept inline in a
+/// box: the map's buckets then hold only key and pointer, so the table of a busy NAT's
+/// hundreds of thousands of open bindings stays compact and cheap to probe and grow.
+type OpenList = Box<SmallVec<[Open; 1]>>;
 
 /// An open binding and the last time the agent knew it was alive.
 #[derive(Clone, Debug)]
