@@ -387,7 +387,8 @@ impl Agent {
                     self.writer.append_event(CoverageEvent::Loss {
                         t_ns: now_unix_ns(),
                         cause: LossCause::DiskError,
-                        count: 0,
+                        // One episode of failed writes; its records are kept, not dropped.
+                        count: 1,
                         detail: format!("segment write failed ({}); records held in memory until the disk accepts them", with_causes(&e)),
                     });
                 }
