@@ -461,6 +461,21 @@ struct ClientFlow {
     token: u64,
 }
 
+impl ClientFlow {
+    /// The flow's truth: the client's side joined with what the server observed of it.
+    fn truth(&self, o: Observation) -> FlowTruth {
+        FlowTruth {
+            proto: self.proto,
+            internal: self.internal,
+            external: o.peer,
+            destination: self.destination,
+            sent_at: self.sent_at,
+            seen_at: o.at,
+            token: self.token,
+        }
+    }
+}
+
 /// A new socket whose (protocol, address, port) no earlier flow of the lab used. Sockets
 /// the kernel gave an already used port are kept open in `rejects` so it does not offer the
 /// same port again.
@@ -609,15 +624,7 @@ fn join_truth(servers: &Servers, flows: Vec<ClientFlow>) -> Result<Vec<FlowTruth
         .into_iter()
         .map(|f| {
             let o = seen[&f.token];
-            FlowTruth {
-                proto: f.proto,
-                internal: f.internal,
-                external: o.peer,
-                destination: f.destination,
-                sent_at: f.sent_at,
-                seen_at: o.at,
-                token: f.token,
-            }
+            f.truth(o)
         })
         .collect();
     truth.sort_by_key(|f| f.seen_at);
@@ -851,17 +858,7 @@ pub fn udp_burst(lab: &Lab, servers: &Servers, count: usize, v6: bool) -> Result
     let seen = servers.wait_for(&tokens, Duration::from_secs(3));
     let observed = flows
         .into_iter()
-        .filter_map(|f| {
-            seen.get(&f.token).map(|o| FlowTruth {
-                proto: f.proto,
-                internal: f.internal,
-                external: o.peer,
-                destination: f.destination,
-                sent_at: f.sent_at,
-                seen_at: o.at,
-                token: f.token,
-            })
-        })
+        .filter_map(|f| seen.get(&f.token).map(|o| f.truth(*o)))
         .collect();
     drop(sockets);
     Ok(Burst {
