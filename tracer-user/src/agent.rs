@@ -24,7 +24,7 @@ use crate::{
     conntrack::{self, ConntrackSysctls, CtEntry, DestroyListener, RecvOutcome},
     exit::{Status, UserError},
     preflight,
-    storage::{self, CoverageEvent, LossCause, Writer},
+    storage::{CoverageEvent, LossCause, Writer, WriterOptions},
     tracker::Tracker,
 };
 
@@ -45,6 +45,10 @@ pub struct RunArgs {
     /// How often the open bindings are reconciled with a dump of the conntrack table.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub reconcile_interval: Duration,
+    /// Seal the active segment and start a new one at least this often. Shorter means more,
+    /// smaller segments (less per-segment compression) and older data sealed sooner.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    pub segment_max_age: Duration,
 }
 
 fn parse_ring_bytes(s: &str) -> Result<u32, String> {
@@ -68,24 +72,47 @@ const TICK: Duration = Duration::from_millis(100);
 const FLUSH_EVERY: Duration = Duration::from_millis(200);
 /// How often the clock offset is re-measured and a heartbeat written.
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
+/// How often the agent applies the data directory's retention setting.
+const RETENTION_EVERY: Duration = Duration::from_secs(3600);
+
+/// Deletes sealed segments past `keep` (see `storage::retention`), logging what it did.
+fn apply_retention_logged(dir: &std::path::Path, keep: Duration) {
+    match crate::storage::retention::apply_retention(dir, keep, now_unix_ns(), false) {
+        Ok(report) => {
+            for e in &report.deleted {
+                log::info!("retention: deleted segment {:08} (ledger updated)", e.seq);
+            }
+            for p in &report.problems {
+                log::warn!(
+                    "retention: {}: offset {}: {}",
+                    p.path.display(),
+                    p.offset,
+                    p.cause
+                );
+            }
+        }
+        Err(e) => log::warn!("retention failed: {}", with_causes(&e)),
+    }
+}
 
 /// Runs the agent until SIGINT or SIGTERM.
 pub fn run(args: &RunArgs) -> anyhow::Result<Status> {
     preflight::check_privileges()?;
     let layout = netfilter::probe().map_err(environment)?;
-    let mut writer = Writer::open(&args.data_dir).map_err(|e| {
+    let options = WriterOptions {
+        max_segment_age: args.segment_max_age,
+        ..WriterOptions::default()
+    };
+    let mut writer = Writer::open_with_options(&args.data_dir, options).map_err(|e| {
         UserError::environment(format!(
             "cannot use data dir {}: {}",
             args.data_dir.display(),
             with_causes(&e)
         ))
     })?;
-    let previous_open = storage::open_bindings(&args.data_dir).with_context(|| {
-        format!(
-            "reading open bindings of earlier runs in {}",
-            args.data_dir.display()
-        )
-    })?;
+    let previous_open = writer.inherited().to_vec();
+    let config =
+        crate::config::load(&args.data_dir).map_err(|e| UserError::bad_input(e.to_string()))?;
     writer.append_event(CoverageEvent::AgentStart {
         t_ns: now_unix_ns(),
         pid: std::process::id(),
@@ -132,7 +159,11 @@ pub fn run(args: &RunArgs) -> anyhow::Result<Status> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let result = runtime.block_on(agent.event_loop(args.reconcile_interval));
+    let result = runtime.block_on(agent.event_loop(
+        args.reconcile_interval,
+        config.retention,
+        args.data_dir.clone(),
+    ));
     let status = agent.shut_down();
     sysctls
         .restore()
@@ -182,7 +213,12 @@ impl Agent {
         Ok(())
     }
 
-    async fn event_loop(&mut self, reconcile_every: Duration) -> anyhow::Result<()> {
+    async fn event_loop(
+        &mut self,
+        reconcile_every: Duration,
+        retention: Option<Duration>,
+        data_dir: std::path::PathBuf,
+    ) -> anyhow::Result<()> {
         // SAFETY: both fds belong to `self` (the capture's ring buffer and the listener's
         // socket), which outlives this function and so both registrations.
         let ring = unsafe {
@@ -207,8 +243,20 @@ impl Agent {
         let mut last_heartbeat = tokio::time::Instant::now();
         let mut dump_task: Option<(i64, DumpTask)> = None;
         let mut reconcile_due = false;
+        // Retention from DIR/nattrace.toml: at start-up, then hourly, off the event loop.
+        let mut retention_tick = tokio::time::interval(RETENTION_EVERY);
+        let mut retention_task: Option<JoinHandle<()>> = None;
         loop {
             tokio::select! {
+                _ = retention_tick.tick(), if retention.is_some() => {
+                    if retention_task.as_ref().is_none_or(JoinHandle::is_finished) {
+                        let keep = retention.expect("guarded");
+                        let dir = data_dir.clone();
+                        retention_task = Some(tokio::task::spawn_blocking(move || {
+                            apply_retention_logged(&dir, keep);
+                        }));
+                    }
+                }
                 guard = ring.readable() => {
                     guard?.clear_ready();
                     self.drain_ring();

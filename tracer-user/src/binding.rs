@@ -75,6 +75,8 @@ pub enum StartSource {
     Destroy = 1,
     /// Found alive in a dump of the conntrack table (pre-existing, or its start was lost).
     Dump = 2,
+    /// Read by `nattrace import` from another tool's log (CSV or `conntrack -E` text).
+    Import = 3,
 }
 
 impl StartSource {
@@ -84,6 +86,7 @@ impl StartSource {
             0 => Some(Self::Ring),
             1 => Some(Self::Destroy),
             2 => Some(Self::Dump),
+            3 => Some(Self::Import),
             _ => None,
         }
     }
@@ -94,6 +97,7 @@ impl StartSource {
             Self::Ring => "ring",
             Self::Destroy => "destroy",
             Self::Dump => "dump",
+            Self::Import => "import",
         }
     }
 }

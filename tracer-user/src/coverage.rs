@@ -12,7 +12,7 @@ use serde_json::json;
 
 use crate::exit::Status;
 use crate::output::{ReportFormat, format_time, format_time_ms, format_time_short, write_table};
-use crate::query::{load, now_ns, report_problems, time_arg};
+use crate::query::{load_events, now_ns, report_problems, time_arg};
 use crate::storage::{CoverageEvent, LossCause};
 
 /// How a capture interval ended.
@@ -90,9 +90,11 @@ pub fn capture_intervals(
     for e in events {
         match e {
             CoverageEvent::Attached { t_ns, backend } => {
-                if let Some(o) = cur.take() {
-                    let last = o.last_alive;
-                    close(&mut out, o, last, IntervalEnd::LastHeartbeat);
+                if let Some(o) = cur.as_mut() {
+                    // Written again at the head of every new segment while capture runs, so
+                    // that each segment tells its own coverage: a continuation.
+                    o.last_alive = o.last_alive.max(*t_ns);
+                    continue;
                 }
                 cur = Some(Open {
                     start: *t_ns,
@@ -323,7 +325,7 @@ pub fn execute(
         ))
         .into());
     }
-    let snap = load(&args.data_dir, |_| false)?;
+    let snap = load_events(&args.data_dir)?;
     report_problems(err, &snap.problems)?;
     let cov = Coverage::compute(&snap.events, snap.agent_running, now, from, to);
     match args.format {

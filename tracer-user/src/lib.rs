@@ -4,7 +4,7 @@
 //! Module map: [`capture`] (eBPF backends), [`conntrack`] (ctnetlink ends and dumps),
 //! [`tracker`] (merging starts and ends), [`clock`] (kernel time to UTC), [`storage`]
 //! (segment files, see FORMAT.md), [`query`], [`coverage`], [`stats`] (the CLI's readers),
-//! [`agent`] (`nattrace run`).
+//! [`import`] (bindings from CSV or `conntrack -E` text), [`agent`] (`nattrace run`).
 
 pub mod agent;
 pub mod binding;
@@ -12,12 +12,16 @@ pub mod btf;
 pub mod capture;
 pub mod cliparse;
 pub mod clock;
+pub mod config;
 pub mod conntrack;
 pub mod coverage;
 pub mod exit;
+pub mod import;
 pub mod output;
 pub mod preflight;
 pub mod query;
+pub mod retention;
 pub mod stats;
 pub mod storage;
 pub mod tracker;
+pub mod verify;

@@ -6,7 +6,7 @@ use clap::{Parser, Subcommand};
 use tracer_user::{
     agent, coverage,
     exit::{Status, UserError},
-    query, stats,
+    import, query, retention, stats, verify,
 };
 
 /// Records every NAT binding of this host and answers "who held this public address and
@@ -28,6 +28,12 @@ enum Command {
     Coverage(coverage::CoverageArgs),
     /// Summarise a data directory: bindings, open bindings, losses, segments, bytes.
     Stats(stats::StatsArgs),
+    /// Import bindings from CSV or `conntrack -E` text into a data directory.
+    Import(import::ImportArgs),
+    /// Check every segment's checksums, hashes and the hash chain; exit 0 only if intact.
+    Verify(verify::VerifyArgs),
+    /// Delete sealed segments older than a retention period, recording each in the ledger.
+    Retention(retention::RetentionArgs),
 }
 
 fn main() -> ExitCode {
@@ -40,6 +46,9 @@ fn main() -> ExitCode {
         Command::Query(args) => query::run(args),
         Command::Coverage(args) => coverage::run(args),
         Command::Stats(args) => stats::run(args),
+        Command::Import(args) => import::run(args),
+        Command::Verify(args) => verify::run(args),
+        Command::Retention(args) => retention::run(args),
     };
     match result {
         Ok(status) => ExitCode::from(status as u8),

@@ -1,7 +1,9 @@
-//! The query engine and the `query` subcommand: who held a public address and port at a
-//! time (`--external IP:PORT --at TIME`), or what a subscriber held in a window
-//! (`--internal IP[:PORT] --from TIME --to TIME`).
+//! The `query` subcommand: who held a public address and port at a time
+//! (`--external IP:PORT --at TIME`), what a subscriber held in a window
+//! (`--internal IP[:PORT] --from TIME --to TIME`), which subscribers reached a server
+//! (`--destination IP[:PORT] --from TIME --to TIME`); conditions combine.
 
+use std::collections::HashSet;
 use std::io::{self, Write};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -12,41 +14,40 @@ use crate::cliparse::{self, ParseError};
 use crate::coverage::Coverage;
 use crate::exit::{Status, UserError};
 use crate::output::{Format, write_bindings};
-use crate::storage::{ReadProblem, Snapshot, StorageError, read_filtered};
+use crate::storage::{self, ReadProblem, Search, Snapshot, StorageError};
 
 /// Slack of `--external … --at` when `--slack` is not given.
 pub const DEFAULT_SLACK: &str = "2s";
 
-/// `nattrace query`: bindings of a public address and port at a time, or of a subscriber in
-/// a window. Exactly one of `--external` and `--internal`.
+/// `nattrace query`: bindings by public address (and port) at a time, by subscriber, or by
+/// destination, over a window. At least one of `--external`, `--internal` and
+/// `--destination`; the conditions given must all hold.
 #[derive(Clone, Debug, clap::Args)]
 pub struct QueryArgs {
     /// Data directory written by the agent.
     #[arg(long, env = "NATTRACE_DATA_DIR", value_name = "DIR")]
     pub data_dir: PathBuf,
-    /// Public address and port (203.0.113.7:40123, [2001:db8::1]:40123): who held it at --at.
-    #[arg(
-        long,
-        value_name = "IP:PORT",
-        required_unless_present = "internal",
-        conflicts_with = "internal",
-        requires = "at"
-    )]
+    /// Public address, with or without port (203.0.113.7:40123, 203.0.113.7, [2001:db8::1]:40123):
+    /// who held it. Without a port: every binding of the address, and how many subscribers.
+    #[arg(long, value_name = "IP[:PORT]", required_unless_present_any = ["internal", "destination"])]
     pub external: Option<String>,
-    /// Time for --external: RFC 3339 (2026-11-02T10:14:07Z, any offset) or unix seconds (1793614447.25).
-    #[arg(long, value_name = "TIME", conflicts_with_all = ["internal", "from", "to"])]
+    /// Subscriber address, with or without port (100.64.0.10, 100.64.0.10:40000, [2001:db8::10]:40000).
+    #[arg(long, value_name = "IP[:PORT]")]
+    pub internal: Option<String>,
+    /// Remote peer (server) address, with or without port: which subscribers reached it.
+    #[arg(long, value_name = "IP[:PORT]")]
+    pub destination: Option<String>,
+    /// Point in time: RFC 3339 (2026-11-02T10:14:07Z, any offset) or unix seconds (1793614447.25).
+    #[arg(long, value_name = "TIME", conflicts_with_all = ["from", "to"], required_unless_present = "from")]
     pub at: Option<String>,
     /// Tolerance around --at (2s, 500ms, 1m) [default: 2s].
-    #[arg(long, value_name = "DUR", conflicts_with = "internal")]
+    #[arg(long, value_name = "DUR", requires = "at")]
     pub slack: Option<String>,
-    /// Subscriber address, with or without port (100.64.0.10, 100.64.0.10:40000, 2001:db8::10, [2001:db8::10]:40000).
-    #[arg(long, value_name = "IP[:PORT]", requires_all = ["from", "to"])]
-    pub internal: Option<String>,
-    /// Window start for --internal: RFC 3339 or unix seconds.
-    #[arg(long, value_name = "TIME", requires = "internal")]
+    /// Window start: RFC 3339 or unix seconds.
+    #[arg(long, value_name = "TIME", requires = "to")]
     pub from: Option<String>,
-    /// Window end for --internal: RFC 3339 or unix seconds.
-    #[arg(long, value_name = "TIME", requires = "internal")]
+    /// Window end: RFC 3339 or unix seconds.
+    #[arg(long, value_name = "TIME", requires = "from")]
     pub to: Option<String>,
     /// Only this protocol: tcp, udp, icmp, icmpv6, or a number.
     #[arg(long, value_name = "P")]
@@ -56,37 +57,11 @@ pub struct QueryArgs {
     pub format: Format,
 }
 
-/// What to look for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Target {
-    /// Bindings whose external (public) address and port are these.
-    External {
-        /// Public address.
-        ip: IpAddr,
-        /// Public port.
-        port: u16,
-    },
-    /// Bindings whose internal (subscriber) address, and port if given, are these.
-    Internal {
-        /// Subscriber address.
-        ip: IpAddr,
-        /// Subscriber port; any when `None`.
-        port: Option<u16>,
-    },
-}
-
-/// A parsed query: bindings of `target` (and `proto`) whose interval overlaps
-/// `[from_ns, to_ns]`.
+/// A parsed query: bindings matching `search` whose interval overlaps its window.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Query {
-    /// Address (and port) to match.
-    pub target: Target,
-    /// Protocol to match; any when `None`.
-    pub proto: Option<u8>,
-    /// Window start, nanoseconds since the Unix epoch (`--at` minus slack, or `--from`).
-    pub from_ns: i64,
-    /// Window end, nanoseconds since the Unix epoch (`--at` plus slack, or `--to`).
-    pub to_ns: i64,
+    /// Conditions and window, as the storage engine takes them.
+    pub search: Search,
 }
 
 impl Query {
@@ -97,35 +72,32 @@ impl Query {
             .as_deref()
             .map(|p| flag("--proto", cliparse::parse_proto(p)))
             .transpose()?;
-        match (&args.external, &args.internal) {
-            (Some(ext), None) => {
-                let (ip, port) = flag("--external", cliparse::parse_endpoint(ext, true))?;
-                let at = args
-                    .at
-                    .as_deref()
-                    .ok_or_else(|| UserError::bad_input("--external needs --at TIME"))?;
+        let endpoint = |name: &str, v: &Option<String>| {
+            v.as_deref()
+                .map(|v| flag(name, cliparse::parse_endpoint(v, false)))
+                .transpose()
+        };
+        let external = endpoint("--external", &args.external)?;
+        let internal = endpoint("--internal", &args.internal)?;
+        let destination = endpoint("--destination", &args.destination)?;
+        if external.is_none() && internal.is_none() && destination.is_none() {
+            return Err(UserError::bad_input(
+                "give at least one of --external, --internal and --destination",
+            ));
+        }
+        let (from_ns, to_ns) = match (&args.at, &args.from, &args.to) {
+            (Some(at), None, None) => {
                 let at = time_arg("--at", at)?;
                 let slack = flag(
                     "--slack",
                     cliparse::parse_duration(args.slack.as_deref().unwrap_or(DEFAULT_SLACK)),
                 )?;
-                Ok(Self {
-                    target: Target::External {
-                        ip,
-                        port: port.expect("parse_endpoint(_, true) gives a port"),
-                    },
-                    proto,
-                    from_ns: at.saturating_sub(slack),
-                    to_ns: at.saturating_add(slack),
-                })
+                (at.saturating_sub(slack), at.saturating_add(slack))
             }
-            (None, Some(int)) => {
-                let (ip, port) = flag("--internal", cliparse::parse_endpoint(int, false))?;
-                let (Some(from_s), Some(to_s)) = (&args.from, &args.to) else {
-                    return Err(UserError::bad_input(
-                        "--internal needs --from TIME and --to TIME",
-                    ));
-                };
+            (None, Some(_), Some(_)) if args.slack.is_some() => {
+                return Err(UserError::bad_input("--slack: only with --at"));
+            }
+            (None, Some(from_s), Some(to_s)) => {
                 let from = time_arg("--from", from_s)?;
                 let to = time_arg("--to", to_s)?;
                 if to < from {
@@ -133,43 +105,41 @@ impl Query {
                         "--to: '{to_s}' is before --from '{from_s}'"
                     )));
                 }
-                Ok(Self {
-                    target: Target::Internal { ip, port },
-                    proto,
-                    from_ns: from,
-                    to_ns: to,
-                })
+                (from, to)
             }
-            _ => Err(UserError::bad_input(
-                "give exactly one of --external IP:PORT and --internal IP[:PORT]",
-            )),
-        }
+            _ => {
+                return Err(UserError::bad_input(
+                    "give either --at TIME or both --from TIME and --to TIME",
+                ));
+            }
+        };
+        Ok(Self {
+            search: Search {
+                external,
+                internal,
+                destination,
+                proto,
+                from_ns,
+                to_ns,
+            },
+        })
     }
 
-    /// The binding is of the address (and port, and protocol) looked for. This depends only on
-    /// fields that do not change between the records of one binding id.
+    /// The binding is of the addresses (and ports, and protocol) looked for.
     #[must_use]
     pub fn matches_address(&self, b: &Binding) -> bool {
-        if self.proto.is_some_and(|p| p != b.proto) {
-            return false;
-        }
-        match self.target {
-            Target::External { ip, port } => b.external() == (ip, port),
-            Target::Internal { ip, port } => {
-                let (bip, bport) = b.internal();
-                bip == ip && port.is_none_or(|p| p == bport)
-            }
-        }
+        self.search.matches_address(b)
     }
 
     /// The binding's interval `[start, end]` overlaps the window; an open binding lasts until `now_ns`.
     #[must_use]
     pub fn overlaps(&self, b: &Binding, now_ns: i64) -> bool {
         let end = b.end_ns.unwrap_or(now_ns.max(b.start_ns));
-        b.start_ns <= self.to_ns && end >= self.from_ns
+        b.start_ns <= self.search.to_ns && end >= self.search.from_ns
     }
 
-    /// The bindings of `bindings` the query selects, by start time (then id).
+    /// The bindings of `bindings` the query selects, by start time (then id): the meaning of
+    /// a query, which the storage engine must reproduce.
     #[must_use]
     pub fn select(&self, bindings: &[Binding], now_ns: i64) -> Vec<Binding> {
         let mut out: Vec<Binding> = bindings
@@ -203,19 +173,25 @@ pub fn execute(
     err: &mut dyn Write,
 ) -> anyhow::Result<Status> {
     let query = Query::from_args(args)?;
-    let snap = load(&args.data_dir, |b| query.matches_address(b))?;
+    let snap = load(&args.data_dir, &query.search)?;
     let found = query.select(&snap.bindings, now);
     report_problems(err, &snap.problems)?;
-    if let Some(w) = Coverage::compute(
-        &snap.events,
-        snap.agent_running,
-        now,
-        query.from_ns,
-        query.to_ns,
-    )
-    .warning()
+    let q = &query.search;
+    if let Some(w) =
+        Coverage::compute(&snap.events, snap.agent_running, now, q.from_ns, q.to_ns).warning()
     {
         writeln!(err, "nattrace: warning: {w}")?;
+    }
+    if let Some((ip, None)) = q.external {
+        let subscribers: HashSet<IpAddr> = found.iter().map(|b| b.internal().0).collect();
+        writeln!(
+            err,
+            "nattrace: {ip}: {} binding{} of {} subscriber{} (distinct internal addresses) in the window",
+            found.len(),
+            if found.len() == 1 { "" } else { "s" },
+            subscribers.len(),
+            if subscribers.len() == 1 { "" } else { "s" },
+        )?;
     }
     write_bindings(out, args.format, &found)?;
     out.flush()?;
@@ -246,13 +222,22 @@ fn flag<T>(flag_name: &str, r: Result<T, ParseError>) -> Result<T, UserError> {
     r.map_err(|e| UserError::bad_input(format!("{flag_name}: {e}")))
 }
 
-/// Reads the data directory (keeping the bindings `keep` accepts), turning a missing or
+/// Searches the data directory (`None`: coverage events only), turning a missing or
 /// unreadable directory into the user errors of exit status 2 and 4.
-pub(crate) fn load(
+pub(crate) fn load(data_dir: &Path, search: &Search) -> anyhow::Result<Snapshot> {
+    load_with(data_dir, || storage::search(data_dir, search))
+}
+
+/// [`load`] of the coverage events alone.
+pub(crate) fn load_events(data_dir: &Path) -> anyhow::Result<Snapshot> {
+    load_with(data_dir, || storage::read_events(data_dir))
+}
+
+fn load_with(
     data_dir: &Path,
-    keep: impl FnMut(&Binding) -> bool,
+    read: impl FnOnce() -> Result<Snapshot, StorageError>,
 ) -> anyhow::Result<Snapshot> {
-    match read_filtered(data_dir, keep) {
+    match read() {
         Ok(s) => Ok(s),
         Err(StorageError::NotFound { .. }) => Err(UserError::bad_input(format!(
             "--data-dir: '{}' does not exist or is not a directory",
@@ -336,6 +321,7 @@ mod tests {
             parse(&["--internal", "100.64.0.10", "--from", "0"]).is_err(),
             "--to missing"
         );
+        // Conditions combine.
         assert!(
             parse(&[
                 "--external",
@@ -345,10 +331,11 @@ mod tests {
                 "--internal",
                 "100.64.0.10"
             ])
-            .is_err()
+            .is_ok()
         );
+        assert!(parse(&["--destination", "192.0.2.2:443", "--from", "0", "--to", "1"]).is_ok());
         assert!(
-            parse(&[
+            query(&[
                 "--internal",
                 "1.2.3.4",
                 "--from",
@@ -358,7 +345,8 @@ mod tests {
                 "--slack",
                 "1s"
             ])
-            .is_err()
+            .is_err(),
+            "--slack needs --at"
         );
         assert!(parse(&["--external", "203.0.113.7:1", "--at", "0", "--from", "0"]).is_err());
         let a = parse(&[
@@ -394,13 +382,10 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(
-            q.target,
-            Target::External {
-                ip: "2001:db8::7".parse().unwrap(),
-                port: 40123
-            }
+            q.search.external,
+            Some(("2001:db8::7".parse().unwrap(), Some(40123)))
         );
-        assert_eq!((q.from_ns, q.to_ns), (T - 2 * S, T + 2 * S));
+        assert_eq!((q.search.from_ns, q.search.to_ns), (T - 2 * S, T + 2 * S));
         let q = query(&[
             "--external",
             "203.0.113.7:1",
@@ -412,8 +397,8 @@ mod tests {
             "udp",
         ])
         .unwrap();
-        assert_eq!((q.from_ns, q.to_ns), (T, T + S));
-        assert_eq!(q.proto, Some(IPPROTO_UDP));
+        assert_eq!((q.search.from_ns, q.search.to_ns), (T, T + S));
+        assert_eq!(q.search.proto, Some(IPPROTO_UDP));
     }
 
     #[test]
@@ -423,10 +408,7 @@ mod tests {
             msg(&["--external", "203.0.113.7:70000", "--at", "0"])
                 .starts_with("--external: port 70000 in '203.0.113.7:70000'")
         );
-        assert!(
-            msg(&["--external", "203.0.113.7", "--at", "0"])
-                .starts_with("--external: '203.0.113.7' has no port")
-        );
+        assert!(msg(&["--destination", "192.0.2.2:x", "--at", "0"]).starts_with("--destination:"));
         assert!(
             msg(&["--external", "203.0.113.7:1", "--at", "tomorrow"])
                 .starts_with("--at: invalid time 'tomorrow'")
@@ -591,6 +573,97 @@ mod tests {
     }
 
     #[test]
+    fn address_without_port_destination_and_combined_conditions() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = Writer::open(dir.path()).unwrap();
+        w.append_event(CoverageEvent::Attached {
+            t_ns: T - 100 * S,
+            backend: "ebpf".into(),
+        });
+        // Three subscribers share 203.0.113.7 at T; one of them reaches 198.51.100.20:443.
+        for (id, port, sub, dst) in [
+            (1, 40001, "100.64.0.1", "192.0.2.2"),
+            (2, 40002, "100.64.0.2", "192.0.2.2"),
+            (3, 40003, "100.64.0.3", "198.51.100.20"),
+            (4, 40004, "100.64.0.3", "192.0.2.2"),
+        ] {
+            let mut b = binding(id, port, T - 5 * S, Some(T + 5 * S));
+            b.orig.src = sub.parse().unwrap();
+            b.orig.dst = dst.parse().unwrap();
+            b.reply.src = b.orig.dst;
+            w.append_binding(&b);
+        }
+        // Same address, another time: not in the window.
+        w.append_binding(&binding(5, 40005, T - 100 * S, Some(T - 50 * S)));
+        w.append_event(CoverageEvent::Detached { t_ns: T + 100 * S });
+        w.close().unwrap();
+        let ids = |out: &str| {
+            out.lines()
+                .skip(1)
+                .map(|l| l.split(',').next().unwrap().parse::<u64>().unwrap())
+                .collect::<Vec<_>>()
+        };
+        let at = "2026-11-02T10:14:07Z";
+        let (r, out, err) = run_in(
+            dir.path(),
+            &["--external", "203.0.113.7", "--at", at, "--format", "csv"],
+            T + 1000 * S,
+        );
+        assert_eq!(r.unwrap(), Status::Ok);
+        assert_eq!(ids(&out), vec![1, 2, 3, 4]);
+        assert_eq!(
+            err,
+            "nattrace: 203.0.113.7: 4 bindings of 3 subscribers (distinct internal addresses) in the window\n"
+        );
+        let (r, out, _) = run_in(
+            dir.path(),
+            &[
+                "--external",
+                "203.0.113.7",
+                "--destination",
+                "198.51.100.20:443",
+                "--at",
+                at,
+                "--format",
+                "csv",
+            ],
+            T + 1000 * S,
+        );
+        assert_eq!(r.unwrap(), Status::Ok);
+        assert_eq!(ids(&out), vec![3]);
+        let (r, out, err) = run_in(
+            dir.path(),
+            &[
+                "--destination",
+                "198.51.100.20",
+                "--from",
+                "2026-11-02T10:00:00Z",
+                "--to",
+                "2026-11-02T11:00:00Z",
+                "--format",
+                "csv",
+            ],
+            T + 1000 * S,
+        );
+        assert_eq!(r.unwrap(), Status::Ok);
+        assert_eq!(ids(&out), vec![3]);
+        assert!(!err.contains("subscribers"), "{err}");
+        let (r, _, _) = run_in(
+            dir.path(),
+            &[
+                "--internal",
+                "100.64.0.3",
+                "--destination",
+                "192.0.2.2",
+                "--at",
+                at,
+            ],
+            T + 1000 * S,
+        );
+        assert_eq!(r.unwrap(), Status::Ok);
+    }
+
+    #[test]
     fn running_agent_covers_until_now() {
         let dir = tempfile::tempdir().unwrap();
         let mut w = Writer::open(dir.path()).unwrap();
@@ -673,7 +746,7 @@ mod tests {
         assert_eq!(r.unwrap(), Status::NoResults);
         assert_eq!((out.as_str(), err.as_str()), ("", ""));
 
-        // Corrupt the segment's first frame: partial.
+        // Corrupt the sealed segment's header: partial.
         let seg = dir.path().join("segments/00000001.seg");
         let mut data = std::fs::read(&seg).unwrap();
         data[40] ^= 0xff;
@@ -691,7 +764,7 @@ mod tests {
         assert_eq!(r.unwrap(), Status::Partial);
         assert!(
             err.starts_with(&format!(
-                "nattrace: {}: offset 32: frame checksum mismatch",
+                "nattrace: {}: offset 0: header checksum mismatch",
                 seg.display()
             )),
             "{err}"

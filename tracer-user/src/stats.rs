@@ -118,7 +118,7 @@ pub fn execute(
     out: &mut dyn Write,
     err: &mut dyn Write,
 ) -> anyhow::Result<Status> {
-    let snap = load(&args.data_dir, |_| true)?;
+    let snap = load(&args.data_dir, &crate::storage::Search::everything())?;
     report_problems(err, &snap.problems)?;
     let stats = Stats::of(&snap);
     match args.format {

@@ -10,9 +10,15 @@
 //! DIR/segments/00000002.open  the active segment (at most one while an agent runs)
 //! ```
 
+pub mod columnar;
+pub mod filter;
 mod lock;
+pub mod merkle;
 mod reader;
+pub mod retention;
+pub mod seal;
 pub mod segment;
+pub mod verify;
 mod writer;
 
 use std::io;
@@ -20,7 +26,7 @@ use std::path::{Path, PathBuf};
 
 use crate::binding::Binding;
 
-pub use reader::{read_all, read_filtered};
+pub use reader::{Search, read_all, read_events, search};
 pub use writer::{Writer, WriterOptions};
 
 /// Name of the lock file inside a data directory.
@@ -145,6 +151,8 @@ pub struct Snapshot {
     pub bytes_on_disk: u64,
     /// `DIR/LOCK` is held by a live agent.
     pub agent_running: bool,
+    /// Blocks of sealed segments read (each one read of the file).
+    pub blocks_read: u64,
 }
 
 /// A part of a segment file that could not be read. Reading went on past it where possible.
@@ -229,22 +237,6 @@ impl StorageError {
             },
         }
     }
-}
-
-/// The bindings still open (no end) in the latest record of their id: at start-up the agent
-/// adopts them (conntrack entry still alive) or writes them again with an approximate end.
-/// Call it after [`Writer::open`] so a crashed agent's segment is recovered first. It reads
-/// the whole data directory; problems in it are logged and otherwise ignored.
-pub fn open_bindings(dir: &Path) -> Result<Vec<Binding>, StorageError> {
-    let snap = read_all(dir)?;
-    for p in &snap.problems {
-        log::warn!("{}: offset {}: {}", p.path.display(), p.offset, p.cause);
-    }
-    Ok(snap
-        .bindings
-        .into_iter()
-        .filter(|b| b.end_ns.is_none())
-        .collect())
 }
 
 /// Name of segment `seq` with extension `ext`.

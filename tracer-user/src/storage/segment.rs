@@ -1,4 +1,6 @@
-//! Segment file codec: header, frames and records (format version 1, see FORMAT.md).
+//! Row codec of logs: header, frames and records (FORMAT.md, "Log file"). The active
+//! segment is a log (magic `NATTRLOG`); the first format's sealed segments (magic
+//! `NATTRSEG`, read only) have the same layout plus a seal frame.
 //!
 //! Everything here is pure: it turns values into bytes and bytes into values, and never
 //! touches a file. The writer and the reader do the I/O.
@@ -10,9 +12,11 @@ use crate::binding::{Binding, Counters, StartSource, Tuple};
 
 use super::{CoverageEvent, LossCause};
 
-/// First eight bytes of every segment file.
+/// First eight bytes of a segment of the first (row) format, sealed or not: read only.
 pub const MAGIC: [u8; 8] = *b"NATTRSEG";
-/// The format version this code writes and the only one it reads.
+/// First eight bytes of a log: the active segment, sealed into a columnar segment later.
+pub const LOG_MAGIC: [u8; 8] = *b"NATTRLOG";
+/// The version of both row layouts, the only one this code reads and writes.
 pub const VERSION: u32 = 1;
 /// Size of the segment header in bytes.
 pub const HEADER_LEN: usize = 32;
@@ -31,6 +35,9 @@ pub const MAX_STRING_LEN: usize = 4096;
 
 /// Record kinds (first byte of a record).
 pub const KIND_BINDING: u8 = 0x01;
+/// Record kind of a binding carried over from the previous segment (open when this log
+/// began); the body is a binding's. Logs only.
+pub const KIND_CARRIED: u8 = 0x02;
 /// Record kind of [`CoverageEvent::AgentStart`].
 pub const KIND_AGENT_START: u8 = 0x10;
 /// Record kind of [`CoverageEvent::Attached`].
@@ -194,6 +201,8 @@ pub enum FormatError {
 /// The fixed-size header at the start of every segment file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Header {
+    /// `true` for a log (`NATTRLOG`), `false` for the first format (`NATTRSEG`).
+    pub log: bool,
     /// Segment sequence number, equal to the number in the file name.
     pub seq: u32,
     /// Creation time, nanoseconds since the Unix epoch.
@@ -207,7 +216,7 @@ impl Header {
     #[must_use]
     pub fn encode(&self) -> [u8; HEADER_LEN] {
         let mut h = [0u8; HEADER_LEN];
-        h[0..8].copy_from_slice(&MAGIC);
+        h[0..8].copy_from_slice(if self.log { &LOG_MAGIC } else { &MAGIC });
         h[8..12].copy_from_slice(&VERSION.to_le_bytes());
         h[12..16].copy_from_slice(&self.seq.to_le_bytes());
         h[16..24].copy_from_slice(&self.created_ns.to_le_bytes());
@@ -226,9 +235,11 @@ impl Header {
         };
         let mut magic = [0u8; 8];
         magic.copy_from_slice(&h[0..8]);
-        if magic != MAGIC {
-            return Err(FormatError::BadMagic { found: magic });
-        }
+        let log = match magic {
+            LOG_MAGIC => true,
+            MAGIC => false,
+            _ => return Err(FormatError::BadMagic { found: magic }),
+        };
         let version = u32_at(h, 8);
         if version != VERSION {
             return Err(FormatError::UnsupportedVersion { version });
@@ -239,6 +250,7 @@ impl Header {
             return Err(FormatError::HeaderChecksum { stored, computed });
         }
         Ok(Self {
+            log,
             seq: u32_at(h, 12),
             created_ns: i64_at(h, 16),
             run: u32_at(h, 24),
@@ -264,6 +276,8 @@ pub struct Seal {
 pub enum Record {
     /// A binding record.
     Binding(Binding),
+    /// A binding carried over from the previous segment.
+    Carried(Binding),
     /// A coverage-event record.
     Event(CoverageEvent),
     /// The seal record.
@@ -272,7 +286,16 @@ pub enum Record {
 
 /// Appends one binding record to `out`.
 pub fn encode_binding(out: &mut Vec<u8>, b: &Binding) {
-    let start = begin_record(out, KIND_BINDING);
+    encode_binding_kind(out, KIND_BINDING, b);
+}
+
+/// Appends one carried-binding record to `out`.
+pub fn encode_carried(out: &mut Vec<u8>, b: &Binding) {
+    encode_binding_kind(out, KIND_CARRIED, b);
+}
+
+fn encode_binding_kind(out: &mut Vec<u8>, kind: u8, b: &Binding) {
+    let start = begin_record(out, kind);
     out.extend_from_slice(&b.id.to_le_bytes());
     out.push(b.proto);
     let mut flags = 0;
@@ -487,6 +510,7 @@ pub fn decode_records(
 fn decode_record(kind: u8, body: &[u8]) -> Result<Record, Option<(&'static str, String)>> {
     let what = match kind {
         KIND_BINDING => "binding",
+        KIND_CARRIED => "carried",
         KIND_AGENT_START => "agent_start",
         KIND_ATTACHED => "attached",
         KIND_HEARTBEAT => "heartbeat",
@@ -523,6 +547,10 @@ fn decode_known(kind: u8, body: &[u8]) -> Result<Record, String> {
         KIND_BINDING => {
             exact(BINDING_BODY_LEN)?;
             Record::Binding(decode_binding(body)?)
+        }
+        KIND_CARRIED => {
+            exact(BINDING_BODY_LEN)?;
+            Record::Carried(decode_binding(body)?)
         }
         KIND_AGENT_START => {
             exact(12)?;
@@ -840,6 +868,7 @@ mod tests {
     #[test]
     fn header_checks_magic_then_version_then_checksum() {
         let h = Header {
+            log: false,
             seq: 5,
             created_ns: 77,
             run: 3,

@@ -10,8 +10,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::binding::Binding;
 
+use foldhash::HashMap;
+
+use super::columnar::{self, FileReader, SealedSegment};
 use super::lock::{self, DirLock};
-use super::segment::{self, FrameAt, HEADER_LEN, Header, Record, Seal, TARGET_PAYLOAD_LEN};
+use super::merkle::Hash;
+use super::seal::{Chain, read_log, round_times, seal_log};
+use super::segment::{self, HEADER_LEN, Header, TARGET_PAYLOAD_LEN};
 use super::{
     CoverageEvent, OPEN_EXT, SEALED_EXT, SEGMENTS_DIR, StorageError, parse_segment_name,
     segment_name,
@@ -22,6 +27,9 @@ use super::{
 pub struct WriterOptions {
     /// Seal the active segment and start a new one once it is this large (default 64 MiB).
     pub max_segment_bytes: u64,
+    /// Seal the active segment and start a new one once it holds this many binding records
+    /// (default 2^21): bounds the memory sealing needs.
+    pub max_segment_records: u64,
     /// Seal the active segment and start a new one once it is this old (default 1 hour).
     pub max_segment_age: Duration,
     /// Minimum time between two fsyncs of the active segment (default 1 second).
@@ -32,6 +40,7 @@ impl Default for WriterOptions {
     fn default() -> Self {
         Self {
             max_segment_bytes: 64 << 20,
+            max_segment_records: 1 << 21,
             max_segment_age: Duration::from_secs(3600),
             fsync_interval: Duration::from_secs(1),
         }
@@ -83,10 +92,11 @@ fn real_opener() -> Opener {
 #[derive(Debug)]
 enum Pending {
     Binding(Binding),
+    Carried(Binding),
     Event(CoverageEvent),
 }
 
-/// The segment being written.
+/// The log being written.
 #[derive(Debug)]
 struct Active {
     seq: u32,
@@ -96,17 +106,26 @@ struct Active {
     len: u64,
     created: Instant,
     binding_records: u64,
-    event_records: u64,
-    data_frames: u64,
     /// Frames were written since the last fsync.
     unsynced: bool,
     /// A failed append may have left partial bytes past `len`; they must be cut first.
     dirty_tail: bool,
-    /// The seal frame is written (and synced); only the rename is left.
-    sealed: bool,
+}
+
+/// A log closed at rotation, being sealed on a background thread.
+#[derive(Debug)]
+struct Sealing {
+    seq: u32,
+    path: PathBuf,
+    window_end_ns: i64,
+    handle: std::thread::JoinHandle<Result<Hash, StorageError>>,
 }
 
 /// Writes one data directory. Exactly one `Writer` per directory at a time (flock on `DIR/LOCK`).
+///
+/// Records go to the active log (`NNNNNNNN.open`), a framed append log; at rotation the log
+/// is closed, a new one begins with the bindings still open ("carried"), and the closed log
+/// is sealed into a columnar segment (`NNNNNNNN.seg`) on a background thread.
 pub struct Writer {
     seg_dir: PathBuf,
     options: WriterOptions,
@@ -122,6 +141,17 @@ pub struct Writer {
     rotate_pending: bool,
     pending: Vec<Pending>,
     last_sync: Option<Instant>,
+    /// Bindings open (no end) as last written, by id: carried into the next log.
+    open: HashMap<u64, Binding>,
+    /// The backend while capture is attached (from the events written): a new log begins
+    /// with an `attached` event so that it tells its own coverage.
+    attached: Option<String>,
+    /// Where the next sealed segment links.
+    chain: Chain,
+    /// The previous log's seal, if still running.
+    sealing: Option<Sealing>,
+    /// Bindings the previous run left open, carried into this run's first log.
+    inherited: Vec<Binding>,
     _lock: DirLock,
 }
 
@@ -131,15 +161,16 @@ impl fmt::Debug for Writer {
             .field("seg_dir", &self.seg_dir)
             .field("active", &self.active.as_ref().map(|a| &a.path))
             .field("pending", &self.pending.len())
+            .field("open", &self.open.len())
             .finish_non_exhaustive()
     }
 }
 
 impl Writer {
     /// Creates DIR if missing (0750), takes an exclusive flock on DIR/LOCK (error
-    /// [`StorageError::Locked`] naming the holder's pid written in the file), recovers any
-    /// unsealed segment a crashed agent left (a torn tail frame is cut off at the last good
-    /// frame, then it is sealed), starts a new active segment.
+    /// [`StorageError::Locked`] naming the holder's pid written in the file), seals any log a
+    /// crashed agent left (a torn tail frame is dropped), and starts a new log that carries
+    /// the bindings the newest sealed segment holds open ([`Writer::inherited`]).
     pub fn open(dir: &Path) -> Result<Self, StorageError> {
         Self::open_with_options(dir, WriterOptions::default())
     }
@@ -165,25 +196,49 @@ impl Writer {
         builder
             .create(&seg_dir)
             .map_err(|e| StorageError::io("create directory", &seg_dir, e))?;
+        let writer_id = writer_id(dir)?;
 
         let mut max_seq = 0;
-        let mut unsealed = Vec::new();
+        let mut logs = Vec::new();
+        let mut sealed = Vec::new();
         let entries = fs::read_dir(&seg_dir).map_err(|e| StorageError::io("list", &seg_dir, e))?;
         for entry in entries {
             let entry = entry.map_err(|e| StorageError::io("list", &seg_dir, e))?;
-            let Some((seq, sealed)) = entry.file_name().to_str().and_then(parse_segment_name)
-            else {
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if name.ends_with(".seg.tmp") {
+                // A seal that did not finish: its log is still there.
+                let _ = fs::remove_file(entry.path());
+                continue;
+            }
+            let Some((seq, is_sealed)) = parse_segment_name(name) else {
                 continue;
             };
             max_seq = max_seq.max(seq);
-            if !sealed {
-                unsealed.push((seq, entry.path()));
+            if is_sealed {
+                sealed.push(seq);
+            } else {
+                logs.push((seq, entry.path()));
             }
         }
-        unsealed.sort();
-        for (seq, path) in &unsealed {
-            recover(&seg_dir, *seq, path)?;
+        logs.sort();
+        sealed.sort_unstable();
+        let mut chain = newest_chain_link(&seg_dir, &sealed, writer_id);
+        for (seq, path) in &logs {
+            if sealed.binary_search(seq).is_ok() {
+                // Crashed after the rename, before removing the log.
+                log::info!("{}: removing log already sealed", path.display());
+                fs::remove_file(path).map_err(|e| StorageError::io("remove", path, e))?;
+                continue;
+            }
+            if let Some(root) = recover(&seg_dir, *seq, path, &chain)? {
+                chain.prev_seq = *seq;
+                chain.prev_root = root;
+                sealed.push(*seq);
+            }
         }
+        sealed.sort_unstable();
+        let inherited = open_in_newest(&seg_dir, &sealed);
         let first = max_seq
             .checked_add(1)
             .ok_or_else(|| StorageError::SequenceExhausted {
@@ -202,10 +257,22 @@ impl Writer {
             rotate_pending: false,
             pending: Vec::new(),
             last_sync: None,
+            open: inherited.iter().map(|b| (b.id, b.clone())).collect(),
+            attached: None,
+            chain,
+            sealing: None,
+            inherited,
             _lock: lock,
         };
         w.start_segment()?;
         Ok(w)
+    }
+
+    /// The bindings an earlier run left open (newest sealed segment), carried into this run's
+    /// first log: the agent adopts them or ends them.
+    #[must_use]
+    pub fn inherited(&self) -> &[Binding] {
+        &self.inherited
     }
 
     /// A binding id not used before in this data directory: the sequence number of a segment
@@ -226,13 +293,27 @@ impl Writer {
     }
 
     /// Buffers a binding record; a later record with the same id supersedes it (an open
-    /// binding is written again when it ends).
+    /// binding is written again when it ends). Times are stored rounded to the millisecond,
+    /// the start down and the end up.
     pub fn append_binding(&mut self, b: &Binding) {
-        self.pending.push(Pending::Binding(b.clone()));
+        let b = round_times(b.clone());
+        if b.end_ns.is_none() {
+            self.open.insert(b.id, b.clone());
+        } else {
+            self.open.remove(&b.id);
+        }
+        self.pending.push(Pending::Binding(b));
     }
 
     /// Buffers a coverage event record.
     pub fn append_event(&mut self, e: CoverageEvent) {
+        match &e {
+            CoverageEvent::Attached { backend, .. } => self.attached = Some(backend.clone()),
+            CoverageEvent::Detached { .. }
+            | CoverageEvent::AgentStart { .. }
+            | CoverageEvent::AgentStop { .. } => self.attached = None,
+            CoverageEvent::Heartbeat { .. } | CoverageEvent::Loss { .. } => {}
+        }
         self.pending.push(Pending::Event(e));
     }
 
@@ -243,24 +324,25 @@ impl Writer {
     }
 
     /// Writes everything buffered as one frame (several above 4 MiB uncompressed) to the
-    /// active segment, visible to readers right after. fsyncs at most once per
-    /// `fsync_interval` (1 s). Rotates to a new segment past `max_segment_bytes` (64 MiB) or
-    /// `max_segment_age` (1 h). On an I/O error the records not yet written stay buffered
-    /// (nothing dropped) and the error is returned: call again later.
+    /// active log, visible to readers right after. fsyncs at most once per
+    /// `fsync_interval` (1 s). Rotates to a new log past `max_segment_bytes` (64 MiB),
+    /// `max_segment_records` or `max_segment_age` (1 h). On an I/O error the records not yet
+    /// written stay buffered (nothing dropped) and the error is returned: call again later.
     ///
     /// If the write succeeded but the fsync or the rotation after it failed, the records are
     /// written (not buffered again, so not duplicated), the error is returned, and the next
-    /// call starts a new segment first.
+    /// call starts a new log first.
     pub fn flush(&mut self) -> Result<(), StorageError> {
         self.flush_inner(true)
     }
 
-    /// Flushes, seals the active segment (fsync, rename to `.seg`, fsync the directory) and
-    /// releases the lock. On error the segment stays `.open` and is recovered by the next
-    /// [`Writer::open`]; records still buffered are lost.
+    /// Flushes, seals the active log into a sealed segment and releases the lock. On error
+    /// the log stays `.open` and is sealed by the next [`Writer::open`]; records still
+    /// buffered are lost.
     pub fn close(mut self) -> Result<(), StorageError> {
         self.flush_inner(false)?;
-        self.seal_active()
+        self.finish_sealing()?;
+        self.seal_active(false)
     }
 
     fn flush_inner(&mut self, rotate: bool) -> Result<(), StorageError> {
@@ -295,12 +377,13 @@ impl Writer {
     fn rotation_due(&self) -> bool {
         self.active.as_ref().is_some_and(|a| {
             a.len >= self.options.max_segment_bytes
+                || a.binding_records >= self.options.max_segment_records
                 || a.created.elapsed() >= self.options.max_segment_age
         })
     }
 
-    /// Makes the active segment writable: cuts a partial frame a failed write left, finishes
-    /// a pending rotation, creates the active segment if there is none.
+    /// Makes the active log writable: cuts a partial frame a failed write left, finishes
+    /// a pending rotation, creates the active log if there is none.
     fn prepare(&mut self) -> Result<(), StorageError> {
         if let Some(a) = self.active.as_mut()
             && a.dirty_tail
@@ -311,7 +394,7 @@ impl Writer {
             a.dirty_tail = false;
         }
         if self.rotate_pending && self.active.is_some() {
-            self.seal_active()?;
+            self.seal_active(true)?;
         }
         if self.active.is_none() {
             self.start_segment()?;
@@ -327,7 +410,7 @@ impl Writer {
             .expect("prepare() leaves an active segment");
         let mut bytes = Vec::new();
         let mut payload = Vec::new();
-        let (mut bindings, mut events, mut frames) = (0, 0, 0);
+        let mut bindings = 0;
         let compress = |e| StorageError::Io {
             op: "compress a frame for",
             path: active.path.clone(),
@@ -339,20 +422,19 @@ impl Writer {
                     segment::encode_binding(&mut payload, b);
                     bindings += 1;
                 }
-                Pending::Event(e) => {
-                    segment::encode_event(&mut payload, e);
-                    events += 1;
+                Pending::Carried(b) => {
+                    segment::encode_carried(&mut payload, b);
+                    bindings += 1;
                 }
+                Pending::Event(e) => segment::encode_event(&mut payload, e),
             }
             if payload.len() >= TARGET_PAYLOAD_LEN {
                 segment::encode_frame(&mut bytes, &payload).map_err(compress)?;
                 payload.clear();
-                frames += 1;
             }
         }
         if !payload.is_empty() {
             segment::encode_frame(&mut bytes, &payload).map_err(compress)?;
-            frames += 1;
         }
         if let Err(e) = active.file.append(&bytes) {
             // Cut what may have been written of it; if that fails too, the next flush retries.
@@ -361,14 +443,13 @@ impl Writer {
         }
         active.len += bytes.len() as u64;
         active.binding_records += bindings;
-        active.event_records += events;
-        active.data_frames += frames;
         active.unsynced = true;
         self.pending.clear();
         Ok(())
     }
 
-    /// Creates the next segment file, writes and syncs its header, syncs the directory.
+    /// Creates the next log, writes and syncs its header, syncs the directory, and queues
+    /// the carried bindings (and an `attached` event while capture runs) at its head.
     fn start_segment(&mut self) -> Result<(), StorageError> {
         let seq = self.next_seq.max(self.id_hi);
         self.next_seq = seq
@@ -377,9 +458,11 @@ impl Writer {
                 path: self.seg_dir.clone(),
             })?;
         let path = self.seg_dir.join(segment_name(seq, OPEN_EXT));
+        let created_ns = now_ns();
         let header = Header {
+            log: true,
             seq,
-            created_ns: now_ns(),
+            created_ns,
             run: self.run,
         };
         let mut file = (self.opener)(&path).map_err(|e| StorageError::io("create", &path, e))?;
@@ -398,18 +481,42 @@ impl Writer {
             len: HEADER_LEN as u64,
             created: Instant::now(),
             binding_records: 0,
-            event_records: 0,
-            data_frames: 0,
             unsynced: false,
             dirty_tail: false,
-            sealed: false,
         });
+        let mut head: Vec<Pending> = Vec::with_capacity(self.open.len() + 1);
+        if let Some(backend) = &self.attached {
+            head.push(Pending::Event(CoverageEvent::Attached {
+                t_ns: created_ns,
+                backend: backend.clone(),
+            }));
+        }
+        // Open bindings not yet written are in `pending` already: not carried.
+        let unwritten: foldhash::HashSet<u64> = self
+            .pending
+            .iter()
+            .filter_map(|p| match p {
+                Pending::Binding(b) => Some(b.id),
+                _ => None,
+            })
+            .collect();
+        let mut carried: Vec<&Binding> = self
+            .open
+            .values()
+            .filter(|b| !unwritten.contains(&b.id))
+            .collect();
+        carried.sort_by_key(|b| b.id);
+        head.extend(carried.into_iter().cloned().map(Pending::Carried));
+        // Records buffered before the rotation belong after the carried state (they are newer).
+        head.append(&mut self.pending);
+        self.pending = head;
         Ok(())
     }
 
-    /// Appends the seal frame, fsyncs, renames `.open` to `.seg`, fsyncs the directory.
-    /// Idempotent: a retry after a failure continues where it stopped.
-    fn seal_active(&mut self) -> Result<(), StorageError> {
+    /// Closes the active log (fsync) and seals it: on a background thread when
+    /// `background`, else right here. One seal runs at a time, in sequence order, so each
+    /// sealed segment links to the one before.
+    fn seal_active(&mut self, background: bool) -> Result<(), StorageError> {
         let Some(a) = self.active.as_mut() else {
             return Ok(());
         };
@@ -419,34 +526,64 @@ impl Writer {
                 .map_err(|e| StorageError::io("truncate", &a.path, e))?;
             a.dirty_tail = false;
         }
-        if !a.sealed {
-            let seal = Seal {
-                binding_records: a.binding_records,
-                event_records: a.event_records,
-                data_frames: a.data_frames,
-                sealed_ns: now_ns(),
-            };
-            let frame = seal_frame(&seal).map_err(|e| StorageError::io("seal", &a.path, e))?;
-            if let Err(e) = a.file.append(&frame) {
-                a.dirty_tail = a.file.truncate(a.len).is_err();
-                return Err(StorageError::io("seal", &a.path, e));
-            }
-            a.len += frame.len() as u64;
-            a.sealed = true;
-        }
         a.file
             .sync()
             .map_err(|e| StorageError::io("fsync", &a.path, e))?;
-        let sealed_path = self.seg_dir.join(segment_name(a.seq, SEALED_EXT));
-        fs::rename(&a.path, &sealed_path).map_err(|e| StorageError::io("rename", &a.path, e))?;
-        self.active = None;
-        sync_dir(&self.seg_dir).map_err(|e| StorageError::io("fsync", &self.seg_dir, e))?;
+        let a = self.active.take().expect("checked above");
+        drop(a.file);
+        let window_end_ns = now_ns();
+        self.finish_sealing()?;
+        let (seg_dir, chain, seq, path) = (self.seg_dir.clone(), self.chain, a.seq, a.path);
+        if background {
+            let p = path.clone();
+            let handle = std::thread::Builder::new()
+                .name("nattrace-seal".into())
+                .spawn(move || seal_log(&seg_dir, seq, &p, &chain, window_end_ns))
+                .map_err(|e| StorageError::io("start sealing", &path, e))?;
+            self.sealing = Some(Sealing {
+                seq,
+                path,
+                window_end_ns,
+                handle,
+            });
+        } else {
+            let root = seal_log(&seg_dir, seq, &path, &chain, window_end_ns)?;
+            self.chain.prev_seq = seq;
+            self.chain.prev_root = root;
+        }
+        Ok(())
+    }
+
+    /// Waits for the background seal, if any; on failure seals again here, once.
+    fn finish_sealing(&mut self) -> Result<(), StorageError> {
+        let Some(s) = self.sealing.take() else {
+            return Ok(());
+        };
+        let result = s.handle.join().unwrap_or_else(|_| {
+            Err(StorageError::io(
+                "seal",
+                &s.path,
+                io::Error::other("sealing thread panicked"),
+            ))
+        });
+        let root = match result {
+            Ok(root) => root,
+            Err(e) => {
+                log::warn!("{}: sealing failed ({e}); retrying", s.path.display());
+                seal_log(&self.seg_dir, s.seq, &s.path, &self.chain, s.window_end_ns)?
+            }
+        };
+        self.chain.prev_seq = s.seq;
+        self.chain.prev_root = root;
         Ok(())
     }
 }
 
 impl Drop for Writer {
     fn drop(&mut self) {
+        if let Some(s) = self.sealing.take() {
+            let _ = s.handle.join();
+        }
         if !self.pending.is_empty() {
             log::warn!(
                 "{}: writer dropped with {} records not written",
@@ -455,14 +592,6 @@ impl Drop for Writer {
             );
         }
     }
-}
-
-fn seal_frame(seal: &Seal) -> io::Result<Vec<u8>> {
-    let mut payload = Vec::new();
-    segment::encode_seal(&mut payload, seal);
-    let mut frame = Vec::new();
-    segment::encode_frame(&mut frame, &payload)?;
-    Ok(frame)
 }
 
 fn sync_dir(dir: &Path) -> io::Result<()> {
@@ -476,102 +605,158 @@ pub(crate) fn now_ns() -> i64 {
     i64::try_from(d.as_nanos()).unwrap_or(i64::MAX)
 }
 
-/// Recovers segment `seq` at `path` that a crashed agent left unsealed: keeps every complete
-/// frame, cuts a torn tail (an incomplete last frame, a last frame failing its checksum, or
-/// a frame length that cannot be right, and everything after it), appends the seal frame and
-/// renames it to `.seg`. A file too short for a header holds no records and is removed; a
-/// file with a broken header is renamed as it is (readers report it); a file of an unknown
-/// format version is left alone.
-fn recover(seg_dir: &Path, seq: u32, path: &Path) -> Result<(), StorageError> {
+/// Name of the file holding the data directory's writer id.
+pub const WRITER_ID_FILE: &str = "WRITER_ID";
+
+/// The data directory's writer id (32 hex digits in `DIR/WRITER_ID`), created on first use.
+fn writer_id(dir: &Path) -> Result<[u8; 16], StorageError> {
+    let path = dir.join(WRITER_ID_FILE);
+    if let Ok(text) = fs::read_to_string(&path)
+        && let Some(id) = parse_hex16(text.trim())
+    {
+        return Ok(id);
+    }
+    let mut id = [0u8; 16];
+    File::open("/dev/urandom")
+        .and_then(|mut f| io::Read::read_exact(&mut f, &mut id))
+        .map_err(|e| StorageError::io("read", Path::new("/dev/urandom"), e))?;
+    let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o640)
+        .open(&path)
+        .map_err(|e| StorageError::io("create", &path, e))?;
+    f.write_all(format!("{hex}\n").as_bytes())
+        .and_then(|()| f.sync_all())
+        .map_err(|e| StorageError::io("write", &path, e))?;
+    Ok(id)
+}
+
+fn parse_hex16(s: &str) -> Option<[u8; 16]> {
+    if s.len() != 32 {
+        return None;
+    }
+    let mut id = [0u8; 16];
+    for (i, b) in id.iter_mut().enumerate() {
+        *b = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(id)
+}
+
+/// The chain link of the newest readable columnar segment among `sealed` (sorted).
+fn newest_chain_link(seg_dir: &Path, sealed: &[u32], writer_id: [u8; 16]) -> Chain {
+    for &seq in sealed.iter().rev() {
+        let path = seg_dir.join(segment_name(seq, SEALED_EXT));
+        let Ok(file) = File::open(&path) else {
+            continue;
+        };
+        let Ok(reader) = FileReader::new(file) else {
+            continue;
+        };
+        if let Ok(seg) = SealedSegment::open(&reader) {
+            return Chain {
+                writer_id,
+                prev_seq: seq,
+                prev_root: seg.summary.root,
+            };
+        }
+    }
+    Chain {
+        writer_id,
+        prev_seq: 0,
+        prev_root: [0; 32],
+    }
+}
+
+/// The bindings open in the newest readable sealed segment (columnar or first format).
+fn open_in_newest(seg_dir: &Path, sealed: &[u32]) -> Vec<Binding> {
+    for &seq in sealed.iter().rev() {
+        let path = seg_dir.join(segment_name(seq, SEALED_EXT));
+        let Ok(data) = fs::read(&path) else { continue };
+        if data.starts_with(&columnar::MAGIC) {
+            let Ok(seg) = SealedSegment::open(&data) else {
+                log::warn!("{}: unreadable, open bindings not carried", path.display());
+                continue;
+            };
+            let Ok(fences) = seg.fences(&data) else {
+                continue;
+            };
+            let mut open = Vec::new();
+            for f in &fences {
+                match seg.read_block(&data, f) {
+                    Ok(rows) => open.extend(
+                        rows.into_iter()
+                            .map(|r| r.binding)
+                            .filter(|b| b.end_ns.is_none()),
+                    ),
+                    Err((at, e)) => log::warn!("{}: offset {at}: {e}", path.display()),
+                }
+            }
+            open.sort_by_key(|b| b.id);
+            return open;
+        }
+        if let Ok(contents) = read_log(&data) {
+            let mut open: Vec<Binding> = contents
+                .bindings
+                .into_iter()
+                .map(|(b, _)| round_times(b))
+                .filter(|b| b.end_ns.is_none())
+                .collect();
+            open.sort_by_key(|b| b.id);
+            return open;
+        }
+    }
+    Vec::new()
+}
+
+/// Seals log `seq` at `path` that a crashed agent (or an older version) left: every complete
+/// frame is kept, a torn tail (an incomplete last frame, a last frame failing its checksum,
+/// or a frame length that cannot be right, and everything after it) is dropped. Returns the
+/// new root, or `None` when nothing was sealed: a file too short for a header holds no
+/// records and is removed; a file with a broken header is renamed to `.seg` as it is
+/// (readers report it); a file of an unknown format version is left alone.
+fn recover(
+    seg_dir: &Path,
+    seq: u32,
+    path: &Path,
+    chain: &Chain,
+) -> Result<Option<Hash>, StorageError> {
     let io = |op, e| StorageError::io(op, path, e);
     let data = fs::read(path).map_err(|e| io("read", e))?;
     let sealed_path = seg_dir.join(segment_name(seq, SEALED_EXT));
     if data.len() < HEADER_LEN {
         log::warn!(
-            "{}: removing unsealed segment without records ({} bytes)",
+            "{}: removing log without records ({} bytes)",
             path.display(),
             data.len()
         );
         fs::remove_file(path).map_err(|e| io("remove", e))?;
-        return sync_dir(seg_dir).map_err(|e| StorageError::io("fsync", seg_dir, e));
+        sync_dir(seg_dir).map_err(|e| StorageError::io("fsync", seg_dir, e))?;
+        return Ok(None);
     }
     match Header::decode(&data) {
         Ok(_) => {}
         Err(e @ segment::FormatError::UnsupportedVersion { .. }) => {
             log::warn!("{}: not recovering: {e}", path.display());
-            return Ok(());
+            return Ok(None);
         }
         Err(e) => {
             log::warn!("{}: sealing as is, unreadable header: {e}", path.display());
             fs::rename(path, &sealed_path).map_err(|e| io("rename", e))?;
-            return sync_dir(seg_dir).map_err(|e| StorageError::io("fsync", seg_dir, e));
+            sync_dir(seg_dir).map_err(|e| StorageError::io("fsync", seg_dir, e))?;
+            return Ok(None);
         }
     }
-
-    let mut seal = Seal::default();
-    let mut sealed = false;
-    let mut offset = HEADER_LEN;
-    let keep = loop {
-        match segment::frame_at(&data, offset) {
-            FrameAt::End => break offset,
-            FrameAt::Good { payload, next } => {
-                if let Ok(payload) = segment::decompress(payload) {
-                    let mut has_seal = false;
-                    let (mut b, mut e) = (0, 0);
-                    segment::decode_records(
-                        &payload,
-                        |r| match r {
-                            Record::Binding(_) => b += 1,
-                            Record::Event(_) => e += 1,
-                            Record::Seal(_) => has_seal = true,
-                        },
-                        |_| {},
-                    );
-                    if has_seal {
-                        // Crashed between writing the seal frame and the rename.
-                        sealed = true;
-                        break next;
-                    }
-                    seal.binding_records += b;
-                    seal.event_records += e;
-                }
-                seal.data_frames += 1;
-                offset = next;
-            }
-            FrameAt::BadChecksum { next, .. } if next < data.len() => {
-                // Damage inside the file, not a torn tail: keep it, readers report it.
-                seal.data_frames += 1;
-                offset = next;
-            }
-            FrameAt::BadChecksum { .. } | FrameAt::Incomplete(_) | FrameAt::BadLength(_) => {
-                break offset;
-            }
-        }
-    };
-
-    let mut file = OpenOptions::new()
-        .append(true)
-        .open(path)
-        .map_err(|e| io("open", e))?;
-    if keep < data.len() {
-        log::warn!(
-            "{}: cutting {} bytes of torn tail at offset {keep}",
-            path.display(),
-            data.len() - keep
-        );
-        file.set_len(keep as u64).map_err(|e| io("truncate", e))?;
-    }
-    if !sealed {
-        seal.sealed_ns = now_ns();
-        let frame = seal_frame(&seal).map_err(|e| io("seal", e))?;
-        file.write_all(&frame).map_err(|e| io("seal", e))?;
-    }
-    file.sync_all().map_err(|e| io("fsync", e))?;
-    drop(file);
-    fs::rename(path, &sealed_path).map_err(|e| io("rename", e))?;
-    sync_dir(seg_dir).map_err(|e| StorageError::io("fsync", seg_dir, e))?;
-    log::info!("{}: recovered unsealed segment", sealed_path.display());
-    Ok(())
+    // The window ends now: open bindings answer for the time the agent was down, as
+    // upper bounds, until the next run carries them on and ends or adopts them.
+    let root = seal_log(seg_dir, seq, path, chain, now_ns())?;
+    log::info!(
+        "{}: sealed the log a previous run left",
+        sealed_path.display()
+    );
+    Ok(Some(root))
 }
 
 #[cfg(test)]
@@ -582,6 +767,11 @@ mod tests {
     use super::*;
     use crate::storage::testutil::binding;
     use crate::storage::{ReadProblem, read_all};
+
+    /// The bindings as stored: times in whole milliseconds.
+    fn stored(bs: &[Binding]) -> Vec<Binding> {
+        bs.iter().cloned().map(round_times).collect()
+    }
 
     fn heartbeat(t_ns: i64) -> CoverageEvent {
         CoverageEvent::Heartbeat { t_ns }
@@ -634,13 +824,13 @@ mod tests {
         // Visible while the agent runs, from the .open segment.
         let live = read_all(dir.path()).unwrap();
         assert!(live.agent_running);
-        assert_eq!(live.bindings, written);
+        assert_eq!(live.bindings, stored(&written));
         assert_eq!(live.problems, vec![]);
 
         w.close().unwrap();
         assert_eq!(files(dir.path()), vec!["00000001.seg"]);
         let snap = read_all(dir.path()).unwrap();
-        assert_eq!(snap.bindings, written);
+        assert_eq!(snap.bindings, stored(&written));
         assert_eq!(snap.events, events);
         assert_eq!(snap.problems, vec![]);
         assert_eq!(snap.segments, 1);
@@ -663,20 +853,21 @@ mod tests {
         w.append_binding(&binding(other, 2, 20, None));
         w.close().unwrap();
 
-        let mut open = crate::storage::open_bindings(dir.path()).unwrap();
-        open.sort_by_key(|b| b.id);
-        assert_eq!(
-            open,
-            vec![binding(id, 1, 10, None), binding(other, 2, 20, None)]
-        );
-
         let mut w = Writer::open(dir.path()).unwrap();
+        assert_eq!(
+            w.inherited(),
+            [binding(id, 1, 0, None), binding(other, 2, 0, None)]
+        );
         let mut ended = binding(id, 1, 10, Some(30));
         ended.end_approximate = true;
         w.append_binding(&ended);
         w.flush().unwrap();
         let snap = read_all(dir.path()).unwrap();
-        assert_eq!(snap.bindings, vec![ended, binding(other, 2, 20, None)]);
+        // Times are stored in whole milliseconds, starts rounded down and ends up.
+        let mut want = ended.clone();
+        want.start_ns = 0;
+        want.end_ns = Some(1_000_000);
+        assert_eq!(snap.bindings, vec![want, binding(other, 2, 0, None)]);
         drop(w);
     }
 
@@ -694,6 +885,7 @@ mod tests {
         w.append_binding(&binding(b, 1, 1, None));
         w.flush().unwrap();
         // The id with high part 2 went to segment 2, segment 1 was sealed first.
+        w.finish_sealing().unwrap();
         assert_eq!(files(dir.path()), vec!["00000001.seg", "00000002.open"]);
         drop(w);
         let mut w = Writer::open(dir.path()).unwrap();
@@ -878,6 +1070,7 @@ mod tests {
         mode.store(OK, Ordering::SeqCst);
         w.append_binding(&binding(2, 2, 2, None));
         w.flush().unwrap();
+        w.finish_sealing().unwrap();
         assert_eq!(files(dir.path()), vec!["00000001.seg", "00000002.open"]);
         w.close().unwrap();
         let snap = read_all(dir.path()).unwrap();
@@ -920,16 +1113,15 @@ mod tests {
         // Readers ignore the torn tail of an .open file.
         let snap = read_all(dir.path()).unwrap();
         assert_eq!(snap.problems, vec![]);
-        assert_eq!(snap.bindings, bs[..2].to_vec());
+        assert_eq!(snap.bindings, stored(&bs[..2]));
 
         Writer::open(dir.path()).unwrap().close().unwrap();
         assert_eq!(files(dir.path()), vec!["00000001.seg", "00000002.seg"]);
         let sealed = fs::read(dir.path().join("segments/00000001.seg")).unwrap();
-        assert_eq!(sealed[..torn_at as usize], original[..torn_at as usize]);
-        assert_ne!(sealed.len() as u64, torn_at + 5);
+        assert!(sealed.starts_with(&columnar::MAGIC));
         let snap = read_all(dir.path()).unwrap();
         assert_eq!(snap.problems, vec![]);
-        assert_eq!(snap.bindings, bs[..2].to_vec());
+        assert_eq!(snap.bindings, stored(&bs[..2]));
     }
 
     #[test]
@@ -945,7 +1137,7 @@ mod tests {
         assert_eq!(files(dir.path()), vec!["00000001.seg", "00000003.seg"]);
         let snap = read_all(dir.path()).unwrap();
         assert_eq!(snap.problems, vec![]);
-        assert_eq!(snap.bindings, bs);
+        assert_eq!(snap.bindings, stored(&bs));
     }
 
     #[test]
