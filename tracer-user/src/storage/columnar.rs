@@ -366,6 +366,10 @@ pub struct Summary {
     pub ext_filter: Section,
     /// Filter on internal address.
     pub int_filter: Section,
+    /// Copy of the header's `window_start_ns`.
+    pub window_start_ns: i64,
+    /// Copy of the header's `window_end_ns`.
+    pub window_end_ns: i64,
 }
 
 impl Summary {
@@ -395,7 +399,8 @@ impl Summary {
             s[at + 12..at + 16].copy_from_slice(&sec.crc.to_le_bytes());
         }
         s[176..184].copy_from_slice(&TIME_UNIT_NS.to_le_bytes());
-        // 184..200 reserved, zero
+        s[184..192].copy_from_slice(&self.window_start_ns.to_le_bytes());
+        s[192..200].copy_from_slice(&self.window_end_ns.to_le_bytes());
         s
     }
 
@@ -429,6 +434,8 @@ impl Summary {
             events_section: sec(1),
             ext_filter: sec(2),
             int_filter: sec(3),
+            window_start_ns: i64_at(s, 184),
+            window_end_ns: i64_at(s, 192),
         })
     }
 }
@@ -627,6 +634,8 @@ pub fn encode_segment(
         events_section,
         ext_filter,
         int_filter,
+        window_start_ns: header.window_start_ns,
+        window_end_ns: header.window_end_ns,
     };
     let s = summary.encode();
     out.extend_from_slice(&s);
@@ -910,13 +919,59 @@ pub struct SealedSegment {
 impl SealedSegment {
     /// Reads and checks header, trailer and summary (two reads).
     pub fn open(src: &dyn ReadAt) -> Result<Self, (u64, ColumnarError)> {
+        let summary = Self::read_summary(src)?;
+        Self::with_summary(src, summary)
+    }
+
+    /// Reads and checks the header of a segment whose summary was read by
+    /// [`SealedSegment::read_summary`] (one read).
+    pub fn with_summary(src: &dyn ReadAt, summary: Summary) -> Result<Self, (u64, ColumnarError)> {
+        let file_len = src.size();
+        let header = src.read_at(0, HEADER_LEN).map_err(|e| (0, e.into()))?;
+        let header = SegmentHeader::decode(&header).map_err(|e| (0, e))?;
+        let tail_at = file_len - (SUMMARY_LEN + TRAILER_LEN) as u64;
+        if (header.window_start_ns, header.window_end_ns)
+            != (summary.window_start_ns, summary.window_end_ns)
+        {
+            return Err((
+                tail_at,
+                malformed("summary", "window differs from the header's"),
+            ));
+        }
+        Ok(Self {
+            header,
+            summary,
+            file_len,
+        })
+    }
+
+    /// A segment known by its summary alone, its header not read: `header` holds only the
+    /// window (copied in the summary), the rest zero. For readers that need the sections
+    /// only; [`SealedSegment::with_summary`] checks the header.
+    #[must_use]
+    pub fn from_summary(summary: Summary, file_len: u64) -> Self {
+        Self {
+            header: SegmentHeader {
+                seq: 0,
+                writer_id: [0; 16],
+                prev_seq: 0,
+                prev_root: [0; 32],
+                window_start_ns: summary.window_start_ns,
+                window_end_ns: summary.window_end_ns,
+            },
+            summary,
+            file_len,
+        }
+    }
+
+    /// Reads and checks the trailer and the summary only (one read of the last 216 bytes):
+    /// enough to tell whether the segment can hold an answer.
+    pub fn read_summary(src: &dyn ReadAt) -> Result<Summary, (u64, ColumnarError)> {
         let file_len = src.size();
         let min = (HEADER_LEN + SUMMARY_LEN + TRAILER_LEN) as u64;
         if file_len < min {
             return Err((0, ColumnarError::TooShort { len: file_len }));
         }
-        let header = src.read_at(0, HEADER_LEN).map_err(|e| (0, e.into()))?;
-        let header = SegmentHeader::decode(&header).map_err(|e| (0, e))?;
         let tail_at = file_len - (SUMMARY_LEN + TRAILER_LEN) as u64;
         let tail = src
             .read_at(tail_at, SUMMARY_LEN + TRAILER_LEN)
@@ -946,38 +1001,16 @@ impl SealedSegment {
         let s = &tail[..SUMMARY_LEN];
         check_crc("summary", s, u32_at(trailer, 4)).map_err(|e| (tail_at, e))?;
         let summary = Summary::decode(s).map_err(|e| (tail_at, e))?;
-        let this = Self {
-            header,
-            summary,
-            file_len,
-        };
-        for (what, sec) in this.sections() {
-            this.check_bounds(what, sec).map_err(|e| (tail_at, e))?;
+        let limit = file_len - (SUMMARY_LEN + TRAILER_LEN) as u64;
+        for (what, sec) in sections(&summary) {
+            check_bounds(what, sec, limit, file_len).map_err(|e| (tail_at, e))?;
         }
-        Ok(this)
-    }
-
-    fn sections(&self) -> [(&'static str, Section); 4] {
-        [
-            ("fences", self.summary.fences),
-            ("events", self.summary.events_section),
-            ("external filter", self.summary.ext_filter),
-            ("internal filter", self.summary.int_filter),
-        ]
+        Ok(summary)
     }
 
     fn check_bounds(&self, what: &'static str, s: Section) -> Result<(), ColumnarError> {
-        let end = s.offset.checked_add(u64::from(s.len));
         let limit = self.file_len - (SUMMARY_LEN + TRAILER_LEN) as u64;
-        if s.offset < HEADER_LEN as u64 || end.is_none_or(|e| e > limit) {
-            return Err(ColumnarError::OutOfBounds {
-                what,
-                offset: s.offset,
-                len: u64::from(s.len),
-                file_len: self.file_len,
-            });
-        }
-        Ok(())
+        check_bounds(what, s, limit, self.file_len)
     }
 
     /// Reads a section and checks its CRC. Errors carry the section's offset.
@@ -1186,6 +1219,35 @@ pub fn block_columns(b: &[u8]) -> Result<BlockColumns, ColumnarError> {
         stored_len,
         raw: cols,
     })
+}
+
+/// The sections the summary points to, with their names.
+fn sections(summary: &Summary) -> [(&'static str, Section); 4] {
+    [
+        ("fences", summary.fences),
+        ("events", summary.events_section),
+        ("external filter", summary.ext_filter),
+        ("internal filter", summary.int_filter),
+    ]
+}
+
+/// A section lies between the header and `limit` (the summary's offset).
+fn check_bounds(
+    what: &'static str,
+    s: Section,
+    limit: u64,
+    file_len: u64,
+) -> Result<(), ColumnarError> {
+    let end = s.offset.checked_add(u64::from(s.len));
+    if s.offset < HEADER_LEN as u64 || end.is_none_or(|e| e > limit) {
+        return Err(ColumnarError::OutOfBounds {
+            what,
+            offset: s.offset,
+            len: u64::from(s.len),
+            file_len,
+        });
+    }
+    Ok(())
 }
 
 /// Decodes a block's bytes into rows (in stored order).

@@ -99,6 +99,14 @@ pub fn read_events(dir: &Path) -> Result<Snapshot, StorageError> {
     search_inner(dir, &Search::everything(), false)
 }
 
+/// Whether a sealed segment's header has been checked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum HeaderState {
+    Unread,
+    Good,
+    Bad,
+}
+
 /// One binding found, with the segment its record came from.
 #[derive(Debug)]
 struct Hit {
@@ -112,6 +120,7 @@ struct Opened {
     path: PathBuf,
     reader: FileReader,
     seg: SealedSegment,
+    header: HeaderState,
     fences: Option<Vec<columnar::Fence>>,
     ext_filter: Option<Fuse8>,
 }
@@ -255,6 +264,8 @@ fn problem(snap: &mut Snapshot, path: &Path, offset: u64, e: &columnar::Columnar
     });
 }
 
+/// Opens a sealed segment by its summary (one read of its last 216 bytes); the header is
+/// read and checked only once the segment turns out to bear on the query.
 fn open_sealed(path: &Path, snap: &mut Snapshot) -> Result<Option<Opened>, StorageError> {
     let file = match File::open(path) {
         Ok(f) => f,
@@ -264,11 +275,12 @@ fn open_sealed(path: &Path, snap: &mut Snapshot) -> Result<Option<Opened>, Stora
     let reader = FileReader::new(file).map_err(|e| StorageError::io("read", path, e))?;
     snap.segments += 1;
     snap.bytes_on_disk += reader.size();
-    match SealedSegment::open(&reader) {
-        Ok(seg) => Ok(Some(Opened {
+    match SealedSegment::read_summary(&reader) {
+        Ok(summary) => Ok(Some(Opened {
             path: path.to_owned(),
+            seg: SealedSegment::from_summary(summary, reader.size()),
             reader,
-            seg,
+            header: HeaderState::Unread,
             fences: None,
             ext_filter: None,
         })),
@@ -280,6 +292,23 @@ fn open_sealed(path: &Path, snap: &mut Snapshot) -> Result<Option<Opened>, Stora
 }
 
 impl Opened {
+    /// Reads and checks the header once; `false` (and a problem) if it is bad.
+    fn header_ok(&mut self, snap: &mut Snapshot) -> bool {
+        if self.header == HeaderState::Unread {
+            self.header = match SealedSegment::with_summary(&self.reader, self.seg.summary) {
+                Ok(seg) => {
+                    self.seg = seg;
+                    HeaderState::Good
+                }
+                Err((at, e)) => {
+                    problem(snap, &self.path, at, &e);
+                    HeaderState::Bad
+                }
+            };
+        }
+        self.header == HeaderState::Good
+    }
+
     fn fences(&mut self, snap: &mut Snapshot) -> Option<&[columnar::Fence]> {
         if self.fences.is_none() {
             match self.seg.fences(&self.reader) {
@@ -331,21 +360,21 @@ fn search_sealed(
     snap: &mut Snapshot,
     want_bindings: bool,
 ) {
-    let h = o.seg.header;
     let s = o.seg.summary;
     // Coverage: the events of every segment whose window overlaps the query's.
-    if q.is_everything() || (h.window_start_ns <= q.to_ns && q.from_ns <= h.window_end_ns) {
+    let wants_events =
+        q.is_everything() || (s.window_start_ns <= q.to_ns && q.from_ns <= s.window_end_ns);
+    let wants_rows = want_bindings && s.rows > 0 && s.t_lo_ns <= q.to_ns && q.from_ns <= s.t_hi_ns;
+    if !(wants_events || wants_rows) || !o.header_ok(snap) {
+        return;
+    }
+    if wants_events {
         match o.seg.events(&o.reader) {
             Ok(e) => events.extend(e),
             Err((at, e)) => problem(snap, &o.path, at, &e),
         }
     }
-    if !want_bindings || s.rows == 0 || s.t_hi_ns < q.from_ns || q.to_ns < s.t_lo_ns {
-        return;
-    }
-    if let Some((ip, Some(port))) = q.external
-        && !o.may_hold_external(ip, port, snap)
-    {
+    if !wants_rows {
         return;
     }
     if let Some((ip, _)) = q.internal {
@@ -358,15 +387,24 @@ fn search_sealed(
     let Some(fences) = o.fences(snap).map(<[columnar::Fence]>::to_vec) else {
         return;
     };
-    for fence in &fences {
-        if !fence.overlaps(q.from_ns, q.to_ns) {
-            continue;
-        }
-        match q.external {
-            Some((ip, Some(port))) if !fence.may_hold_key((ip, port)) => continue,
-            Some((ip, None)) if !fence.may_hold_ip(ip) => continue,
-            _ => {}
-        }
+    let candidates: Vec<&columnar::Fence> = fences
+        .iter()
+        .filter(|f| f.overlaps(q.from_ns, q.to_ns))
+        .filter(|f| match q.external {
+            Some((ip, Some(port))) => f.may_hold_key((ip, port)),
+            Some((ip, None)) => f.may_hold_ip(ip),
+            None => true,
+        })
+        .collect();
+    // The external filter costs about a byte per key of the segment, a block about a
+    // dozen bytes per row: consult it only when it can save more than one block read.
+    if candidates.len() > 1
+        && let Some((ip, Some(port))) = q.external
+        && !o.may_hold_external(ip, port, snap)
+    {
+        return;
+    }
+    for fence in candidates {
         for row in o.read_block(fence, snap) {
             let b = row.binding;
             if !q.matches_address(&b) {
@@ -407,7 +445,7 @@ fn follow_open_hits(
         let (ip, port) = hits[&id].binding.external();
         let mut latest: Option<Binding> = None;
         for o in opened.iter_mut().skip(k + 1) {
-            if !o.may_hold_external(ip, port, snap) {
+            if !o.header_ok(snap) || !o.may_hold_external(ip, port, snap) {
                 break;
             }
             let Some(fences) = o.fences(snap).map(<[columnar::Fence]>::to_vec) else {
