@@ -1,8 +1,9 @@
-//! Developer and CI tasks for nattrace. `cargo xtask setup | build | test | demo | bench`.
+//! Developer and CI tasks for nattrace. `cargo xtask setup | build | test | fuzz | demo | bench`.
 //!
 //! Every task that needs the toolchain or system packages runs `setup` first; `setup` is
 //! idempotent and does only what is missing.
 
+mod fuzz;
 mod setup;
 
 use std::{
@@ -28,11 +29,22 @@ enum Task {
     Setup,
     /// Build the `nattrace` binary (release), eBPF programs included.
     Build,
-    /// Everything CI runs: formatting, clippy, unit tests, privileged end-to-end tests.
+    /// Everything CI runs: formatting, clippy, unit tests, fuzzing (NATTRACE_FUZZ_SECONDS per
+    /// target, default 60; 0 skips it), privileged end-to-end tests.
     Test {
         /// Skip the end-to-end tests (they need root and network namespaces).
         #[arg(long)]
         no_e2e: bool,
+    },
+    /// Run the fuzz targets of fuzz/ (cargo-fuzz, nightly) for a while each; fails on a crash
+    /// and names the file the crashing input was saved in.
+    Fuzz {
+        /// Seconds each target runs for (0 skips fuzzing).
+        #[arg(long, env = fuzz::SECONDS_ENV, default_value_t = fuzz::DEFAULT_SECONDS)]
+        seconds: u64,
+        /// Targets to run (default: all of them).
+        #[arg(value_parser = clap::builder::PossibleValuesParser::new(fuzz::TARGETS))]
+        targets: Vec<String>,
     },
     /// The main job on the embedded default: a network-namespace CGNAT lab with the agent,
     /// traffic, and an investigator's questions answered.
@@ -52,6 +64,10 @@ fn main() -> anyhow::Result<()> {
             build_release()?;
         }
         Task::Test { no_e2e } => test(no_e2e)?,
+        Task::Fuzz { seconds, targets } => {
+            setup::run()?;
+            fuzz::run(seconds, &targets)?;
+        }
         Task::Demo => {
             require_root("demo")?;
             setup::run()?;
@@ -85,17 +101,43 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn test(no_e2e: bool) -> anyhow::Result<()> {
+    let fuzz_seconds = fuzz::seconds_from_env()?;
     setup::run()?;
     step("cargo fmt --check", || {
-        cargo(&["fmt", "--all", "--check"]).status_ok()
+        cargo(&["fmt", "--all", "--check"]).status_ok()?;
+        // The fuzz crate is a workspace of its own.
+        cargo(&[
+            "fmt",
+            "--all",
+            "--check",
+            "--manifest-path",
+            "fuzz/Cargo.toml",
+        ])
+        .status_ok()
     })?;
     step("cargo clippy", || {
-        cargo(&["clippy", "--all-targets", "--", "-D", "warnings"]).status_ok()
+        cargo(&["clippy", "--all-targets", "--", "-D", "warnings"]).status_ok()?;
+        // The fuzz crate, sharing the workspace's target directory so that its dependencies
+        // (tracer-user among them) are not checked twice.
+        cargo(&[
+            "clippy",
+            "--manifest-path",
+            "fuzz/Cargo.toml",
+            "--target-dir",
+            "target",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ])
+        .status_ok()
     })?;
     step("unit tests", || {
         // Unit tests of every crate; the privileged end-to-end tests are #[ignore]d here.
         cargo(&["test", "--workspace", "--exclude", "tracer-ebpf"]).status_ok()
     })?;
+    // Each fuzz target for NATTRACE_FUZZ_SECONDS (default 60; 0 skips).
+    fuzz::run(fuzz_seconds, &[])?;
     if no_e2e {
         eprintln!("xtask: end-to-end tests skipped (--no-e2e)");
         return Ok(());

@@ -3,6 +3,7 @@
 //! - rust-src for the nightly toolchain (eBPF builds use `-Z build-std=core`);
 //! - bpf-linker 0.13, built against the nightly's own libLLVM (Debian's LLVM is too old),
 //!   with the `llvm-NN` feature picked from the nightly's LLVM major version;
+//! - cargo-fuzz, built with the nightly (fuzzing needs the nightly's sanitizer flags);
 //! - the Debian packages the tests and the demo use.
 
 use std::{
@@ -16,13 +17,16 @@ use anyhow::{Context as _, bail};
 use crate::StatusOk as _;
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
 /// Debian packages: ip and netns (iproute2), nft (nftables), conntrack (conntrack-tools),
-/// setpriv and unshare (util-linux) for the privilege and mount-namespace tests.
-const DEBIAN_PACKAGES: &[&str] = &["iproute2", "nftables", "conntrack", "util-linux"];
+/// setpriv and unshare (util-linux) for the privilege and mount-namespace tests, and g++ for
+/// the fuzz targets (libfuzzer-sys compiles libFuzzer).
+const DEBIAN_PACKAGES: &[&str] = &["iproute2", "nftables", "conntrack", "util-linux", "g++"];
 
 pub fn run() -> anyhow::Result<()> {
     ensure_nightly_with_rust_src()?;
     ensure_bpf_linker()?;
+    ensure_cargo_fuzz()?;
     ensure_debian_packages()?;
     Ok(())
 }
@@ -170,6 +174,29 @@ fn ensure_bpf_linker() -> anyhow::Result<()> {
         ])
         .args(["--features", &format!("llvm-{major}")])
         .env("LLVM_PREFIX", &llvm_prefix)
+        .status_ok()
+}
+
+/// cargo-fuzz, installed with the nightly (`cargo +nightly fuzz …` is how `cargo xtask fuzz`
+/// runs it). `--locked`: the versions of its dependencies it was released with.
+fn ensure_cargo_fuzz() -> anyhow::Result<()> {
+    let installed = cargo_bin().join("cargo-fuzz");
+    if let Ok(v) = output(Command::new(&installed).arg("--version"))
+        && v.split_whitespace().nth(1) == Some(CARGO_FUZZ_VERSION)
+    {
+        return Ok(());
+    }
+    eprintln!("xtask: setup: installing cargo-fuzz {CARGO_FUZZ_VERSION} with the nightly");
+    Command::new("cargo")
+        .args([
+            "+nightly",
+            "install",
+            "cargo-fuzz",
+            "--version",
+            CARGO_FUZZ_VERSION,
+            "--locked",
+        ])
+        .env("PATH", path_with_cargo_bin())
         .status_ok()
 }
 

@@ -36,7 +36,7 @@ pub const BLOCK_HEADER_LEN: usize = 13;
 pub const COLUMN_ENTRY_LEN: usize = 10;
 /// Rows per block the writer aims for (the last block of a segment holds the rest).
 pub const BLOCK_ROWS: usize = 16_384;
-/// Largest block (stored bytes) and largest decoded column a reader accepts.
+/// Largest block (stored bytes), and largest total of its decoded columns, a reader accepts.
 pub const MAX_BLOCK_LEN: usize = 64 << 20;
 /// Unit of stored times: 1 ms. Starts are rounded down, ends up, so an interval only grows.
 pub const TIME_UNIT_NS: i64 = 1_000_000;
@@ -1169,6 +1169,7 @@ pub fn block_columns(b: &[u8]) -> Result<BlockColumns, ColumnarError> {
     }
     let mut cols: Vec<Vec<u8>> = vec![Vec::new(); usize::from(col::COUNT) + 1];
     let mut stored_len = vec![0usize; usize::from(col::COUNT) + 1];
+    let mut total_raw = 0usize;
     let mut at = dir_end;
     for c in 0..ncols {
         let e = &b[BLOCK_HEADER_LEN + c * COLUMN_ENTRY_LEN..];
@@ -1182,7 +1183,8 @@ pub fn block_columns(b: &[u8]) -> Result<BlockColumns, ColumnarError> {
                 format!("column id {id} unknown or repeated"),
             ));
         }
-        if raw_len > MAX_BLOCK_LEN || len == 0 {
+        total_raw = total_raw.saturating_add(raw_len);
+        if raw_len > MAX_BLOCK_LEN || total_raw > MAX_BLOCK_LEN || len == 0 {
             return Err(malformed(
                 "block",
                 format!("column {id}: {len} bytes stored, {raw_len} raw"),
@@ -1402,7 +1404,7 @@ fn decode_rows(n: usize, base_ns: i64, cols: &[Vec<u8>]) -> Result<Vec<Row>, (u8
         let port = if new_ip {
             ext_port.u16(pv)?
         } else {
-            ext_port.u16(u64::from(prev_port) + pv)?
+            ext_port.u16(u64::from(prev_port).saturating_add(pv))?
         };
         let same_key = !new_ip && port == prev_port && !rows.is_empty();
         let reference = if same_key { prev_ref_ms } else { base_ms };
@@ -1424,7 +1426,7 @@ fn decode_rows(n: usize, base_ns: i64, cols: &[Vec<u8>]) -> Result<Vec<Row>, (u8
         prev_port = port;
         let int_ip = lookup(&int_dict, int_idx.varint()?, col::INT_DICT)?;
         let ip_delta = unzigzag(int_port.varint()?);
-        let iport = u16::try_from(i64::from(port) + ip_delta)
+        let iport = u16::try_from(i64::from(port).saturating_add(ip_delta))
             .map_err(|_| (col::INT_PORT, "port out of range".to_owned()))?;
         let dst_ip = lookup(&dst_dict, dst_idx.varint()?, col::DST_DICT)?;
         let dport = dst_port.varint()?;

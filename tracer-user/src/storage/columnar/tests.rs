@@ -258,3 +258,42 @@ fn tcp_constant_is_six() {
     // The sample relies on the testutil binding being TCP SNAT.
     assert_eq!(binding(1, 1, 0, None).proto, IPPROTO_TCP);
 }
+
+/// Inputs found by reading the decoder (fuzzing report): each must be an error, not a panic
+/// or a huge allocation.
+#[test]
+fn crafted_blocks_are_errors() {
+    let hex = |s: &str| -> Vec<u8> {
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
+    };
+    // Second row's external-port delta is u64::MAX.
+    let ext_port_overflow = hex(
+        "02000000000000000000000011010005000000050000000200020000000200000003000b0000000b0000000400010000000100000005000100000001000000060005000000050000000700010000000100000008000100000001000000090005000000050000000a0001000000010000000b0001000000010000000c0001000000010000000d0001000000010000000e0001000000010000000f000100000001000000100001000000010000001100010000000100000004cb007107000201ffffffffffffffffff010000046440000a000004c00002020000060000000000",
+    );
+    assert!(decode_block(&ext_port_overflow).is_err());
+    // Internal-port delta is zigzag(i64::MAX).
+    let int_port_overflow = hex(
+        "010000000000000000000000110100050000000500000002000200000002000000030001000000010000000400010000000100000005000100000001000000060005000000050000000700010000000100000008000a0000000a000000090005000000050000000a0001000000010000000b0001000000010000000c0001000000010000000d0001000000010000000e0001000000010000000f000100000001000000100001000000010000001100010000000100000004cb0071070001010000046440000a00feffffffffffffffff0104c00002020000060000000000",
+    );
+    assert!(decode_block(&int_port_overflow).is_err());
+    // Columns that each decompress to 64 MiB: refused before decompressing past the limit.
+    let zeros = zstd::bulk::compress(&vec![0u8; MAX_BLOCK_LEN], 19).unwrap();
+    let mut bomb = Vec::new();
+    bomb.extend_from_slice(&1u32.to_le_bytes());
+    bomb.extend_from_slice(&0i64.to_le_bytes());
+    bomb.push(3);
+    for id in 1..=3u8 {
+        bomb.push(id);
+        bomb.push(METHOD_ZSTD);
+        bomb.extend_from_slice(&(zeros.len() as u32).to_le_bytes());
+        bomb.extend_from_slice(&(MAX_BLOCK_LEN as u32).to_le_bytes());
+    }
+    for _ in 0..3 {
+        bomb.extend_from_slice(&zeros);
+    }
+    let err = block_columns(&bomb).unwrap_err().to_string();
+    assert!(err.contains("column 2"), "{err}");
+}
