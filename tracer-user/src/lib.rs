@@ -4,7 +4,8 @@
 //! Module map: [`capture`] (eBPF backends), [`conntrack`] (ctnetlink ends and dumps),
 //! [`tracker`] (merging starts and ends), [`clock`] (kernel time to UTC), [`storage`]
 //! (segment files, see FORMAT.md), [`query`], [`coverage`], [`stats`] (the CLI's readers),
-//! [`import`] (bindings from CSV or `conntrack -E` text), [`agent`] (`nattrace run`).
+//! [`import`] (bindings from CSV or `conntrack -E` text), [`agent`] (`nattrace run`),
+//! [`workload`] (synthetic CGNAT bindings for benchmarks).
 
 pub mod agent;
 pub mod binding;
@@ -25,3 +26,4 @@ pub mod stats;
 pub mod storage;
 pub mod tracker;
 pub mod verify;
+pub mod workload;
