@@ -81,6 +81,10 @@ fn main() -> anyhow::Result<()> {
             step("agent hot path (per binding, against decode only)", || {
                 cargo(&["bench", "-p", "tracer-user", "--bench", "agent_path"]).status_ok()
             })?;
+            step(
+                "segment format: size, ingest, point queries at 100M bindings (long)",
+                || cargo(&["bench", "-p", "tracer-user", "--bench", "segment_format"]).status_ok(),
+            )?;
             step("NAT new-binding rate with and without the agent", || {
                 cargo(&[
                     "run",
@@ -136,6 +140,23 @@ fn test(no_e2e: bool) -> anyhow::Result<()> {
         // Unit tests of every crate; the privileged end-to-end tests are #[ignore]d here.
         cargo(&["test", "--workspace", "--exclude", "tracer-ebpf"]).status_ok()
     })?;
+    step(
+        "segment format benchmark, smoke size (keeps it working)",
+        || {
+            cargo(&[
+                "bench",
+                "-p",
+                "tracer-user",
+                "--bench",
+                "segment_format",
+                "--",
+                "--smoke",
+                "--cold",
+                "0",
+            ])
+            .status_ok()
+        },
+    )?;
     // Each fuzz target for NATTRACE_FUZZ_SECONDS (default 60; 0 skips).
     fuzz::run(fuzz_seconds, &[])?;
     if no_e2e {
