@@ -1112,6 +1112,21 @@ impl SealedSegment {
         }
     }
 
+    /// [`SealedSegment::read_block`] building only the rows `keep` accepts.
+    pub fn read_block_where(
+        &self,
+        src: &dyn ReadAt,
+        fence: &Fence,
+        keep: RowFilter<'_>,
+    ) -> Result<Vec<Row>, (u64, ColumnarError)> {
+        let s = fence.block;
+        if s.len as usize > MAX_BLOCK_LEN {
+            return Err((s.offset, malformed("block", format!("length {}", s.len))));
+        }
+        let b = self.read_section(src, "block", s)?;
+        decode_block_where(&b, Some(keep)).map_err(|e| (s.offset, e))
+    }
+
     /// Reads one block (one read), checks its CRC and decodes its rows.
     pub fn read_block(
         &self,
@@ -1277,8 +1292,17 @@ fn check_bounds(
 
 /// Decodes a block's bytes into rows (in stored order).
 pub fn decode_block(b: &[u8]) -> Result<Vec<Row>, ColumnarError> {
+    decode_block_where(b, None)
+}
+
+/// [`decode_block`] building only the rows `keep` accepts (all when `None`): a point query
+/// looks at every row's key and time but builds only the one or two it asked for.
+pub fn decode_block_where(
+    b: &[u8],
+    keep: Option<RowFilter<'_>>,
+) -> Result<Vec<Row>, ColumnarError> {
     let c = block_columns(b)?;
-    decode_rows(c.rows, c.base_ns, &c.raw).map_err(|(id, reason)| ColumnarError::Malformed {
+    decode_rows(c.rows, c.base_ns, &c.raw, keep).map_err(|(id, reason)| ColumnarError::Malformed {
         what: "block",
         reason: format!("column {}: {reason}", column_name(id)),
     })
@@ -1383,7 +1407,16 @@ fn lookup(d: &[IpAddr], i: u64, id: u8) -> Result<IpAddr, (u8, String)> {
         })
 }
 
-fn decode_rows(n: usize, base_ns: i64, cols: &[Vec<u8>]) -> Result<Vec<Row>, (u8, String)> {
+/// Which rows of a block to build: given a row's external key, start and end (ns), `true`
+/// keeps it. The others are only stepped over (their values are not checked).
+pub type RowFilter<'a> = &'a dyn Fn(ExtKey, i64, Option<i64>) -> bool;
+
+fn decode_rows(
+    n: usize,
+    base_ns: i64,
+    cols: &[Vec<u8>],
+    keep: Option<RowFilter<'_>>,
+) -> Result<Vec<Row>, (u8, String)> {
     let ext_dict = dict(cols, col::EXT_DICT)?;
     let int_dict = dict(cols, col::INT_DICT)?;
     let dst_dict = dict(cols, col::DST_DICT)?;
@@ -1408,13 +1441,16 @@ fn decode_rows(n: usize, base_ns: i64, cols: &[Vec<u8>]) -> Result<Vec<Row>, (u8
     let mut ids = Cursor::new(cols, col::ID);
     let mut raw = Cursor::new(cols, col::RAW);
     let base_ms = base_ns.div_euclid(TIME_UNIT_NS);
-    let mut rows: Vec<Row> = Vec::with_capacity(n);
+    let mut rows: Vec<Row> = Vec::with_capacity(if keep.is_some() { 4 } else { n });
+    // Start (ms) of every row, and the row index of every row built.
+    let mut starts: Vec<i64> = Vec::with_capacity(n);
+    let mut built: Vec<usize> = Vec::with_capacity(if keep.is_some() { 4 } else { n });
     let mut run_left = 0u64;
     let mut ext_ip = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
     let mut new_ip;
     let mut prev_port = 0u16;
     let mut prev_ref_ms = 0i64;
-    for _ in 0..n {
+    for i in 0..n {
         new_ip = false;
         if run_left == 0 {
             ext_ip = lookup(&ext_dict, runs.varint()?, col::EXT_DICT)?;
@@ -1431,7 +1467,7 @@ fn decode_rows(n: usize, base_ns: i64, cols: &[Vec<u8>]) -> Result<Vec<Row>, (u8
         } else {
             ext_port.u16(u64::from(prev_port).saturating_add(pv))?
         };
-        let same_key = !new_ip && port == prev_port && !rows.is_empty();
+        let same_key = !new_ip && port == prev_port && i > 0;
         let reference = if same_key { prev_ref_ms } else { base_ms };
         let start_ms = reference
             .checked_add(unzigzag(start.varint()?))
@@ -1449,6 +1485,40 @@ fn decode_rows(n: usize, base_ns: i64, cols: &[Vec<u8>]) -> Result<Vec<Row>, (u8
         };
         prev_ref_ms = end_ms.unwrap_or(start_ms);
         prev_port = port;
+        starts.push(start_ms);
+        if let Some(keep) = keep {
+            let ns = |ms: i64| ms.saturating_mul(TIME_UNIT_NS);
+            if !keep((ext_ip, port), ns(start_ms), end_ms.map(ns)) {
+                // Step over the row's other values.
+                for c in [
+                    &mut int_idx,
+                    &mut int_port,
+                    &mut dst_idx,
+                    &mut dst_port,
+                    &mut status,
+                    &mut zone,
+                    &mut mark,
+                ] {
+                    c.varint()?;
+                }
+                proto.byte()?;
+                source.byte()?;
+                let f = flags.byte()?;
+                if f & flag::ORIG_COUNTERS != 0 {
+                    pkts_out.varint()?;
+                    bytes_out.varint()?;
+                }
+                if f & flag::REPLY_COUNTERS != 0 {
+                    pkts_in.varint()?;
+                    bytes_in.varint()?;
+                }
+                if f & flag::RAW_TUPLES != 0 {
+                    raw.bytes(76)?;
+                }
+                continue;
+            }
+        }
+        built.push(i);
         let int_ip = lookup(&int_dict, int_idx.varint()?, col::INT_DICT)?;
         let ip_delta = unzigzag(int_port.varint()?);
         let iport = u16::try_from(i64::from(port).saturating_add(ip_delta))
@@ -1497,7 +1567,24 @@ fn decode_rows(n: usize, base_ns: i64, cols: &[Vec<u8>]) -> Result<Vec<Row>, (u8
                     dst_port: u16::from_le_bytes([dp[0], dp[1]]),
                 })
             };
-            (t()?, t()?)
+            let (orig, reply) = (t()?, t()?);
+            // The tuples must give the row's own view, which queries select on.
+            let view = Binding {
+                proto: p,
+                status: st,
+                orig,
+                reply,
+                ..crate::storage::seal::EMPTY_BINDING
+            };
+            if (view.internal(), view.external(), view.destination())
+                != ((int_ip, iport), (ext_ip, port), (dst_ip, dport))
+            {
+                return Err((
+                    col::RAW,
+                    "tuples disagree with the row's addresses".to_owned(),
+                ));
+            }
+            (orig, reply)
         } else {
             derived_tuples(p, st, (int_ip, iport), (ext_ip, port), (dst_ip, dport))
         };
@@ -1529,13 +1616,47 @@ fn decode_rows(n: usize, base_ns: i64, cols: &[Vec<u8>]) -> Result<Vec<Row>, (u8
     if run_left != 0 {
         return Err((col::EXT_RUNS, "runs longer than the block".to_owned()));
     }
-    let mut order: Vec<usize> = (0..n).collect();
-    order.sort_by_key(|&i| (rows[i].binding.start_ns.div_euclid(TIME_UNIT_NS), i));
-    let mut prev_id = 0u64;
-    for &i in &order {
-        let id = prev_id.wrapping_add(unzigzag(ids.varint()?) as u64);
-        rows[i].binding.id = id;
-        prev_id = id;
+    // Ids are stored in start order: find each built row's rank in it (a sort of all rows,
+    // or for a few rows a count of the rows before each), then walk the deltas once.
+    let mut wanted: Vec<(usize, usize)> = if built.len() > 64 {
+        let mut order: Vec<usize> = (0..n).collect();
+        order.sort_by_key(|&i| (starts[i], i));
+        let mut rank_of = vec![0usize; n];
+        for (r, &i) in order.iter().enumerate() {
+            rank_of[i] = r;
+        }
+        built
+            .iter()
+            .enumerate()
+            .map(|(pos, &i)| (rank_of[i], pos))
+            .collect()
+    } else {
+        built
+            .iter()
+            .enumerate()
+            .map(|(pos, &i)| {
+                let me = (starts[i], i);
+                let rank = starts
+                    .iter()
+                    .enumerate()
+                    .filter(|&(j, &s)| (s, j) < me)
+                    .count();
+                (rank, pos)
+            })
+            .collect()
+    };
+    wanted.sort_unstable();
+    let mut next = wanted.iter().peekable();
+    let mut id = 0u64;
+    for r in 0..n {
+        id = id.wrapping_add(unzigzag(ids.varint()?) as u64);
+        while let Some(&&(rank, pos)) = next.peek() {
+            if rank != r {
+                break;
+            }
+            rows[pos].binding.id = id;
+            next.next();
+        }
     }
     for c in [
         &runs, &ext_port, &start, &duration, &int_idx, &int_port, &dst_idx, &dst_port, &proto,

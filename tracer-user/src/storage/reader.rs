@@ -339,6 +339,28 @@ impl Opened {
             .is_none_or(|f| f.contains(filter::key(ip, port)))
     }
 
+    /// The block's rows with external key `key` (and, given, overlapping `[from, to]`): the
+    /// other rows are stepped over, not built.
+    fn read_block_of_key(
+        &self,
+        fence: &columnar::Fence,
+        key: (IpAddr, u16),
+        window: Option<(i64, i64)>,
+        snap: &mut Snapshot,
+    ) -> Vec<columnar::Row> {
+        snap.blocks_read += 1;
+        let keep = |k: (IpAddr, u16), start: i64, end: Option<i64>| {
+            k == key && window.is_none_or(|(from, to)| start <= to && end.is_none_or(|e| e >= from))
+        };
+        match self.seg.read_block_where(&self.reader, fence, &keep) {
+            Ok(rows) => rows,
+            Err((at, e)) => {
+                problem(snap, &self.path, at, &e);
+                Vec::new()
+            }
+        }
+    }
+
     fn read_block(&self, fence: &columnar::Fence, snap: &mut Snapshot) -> Vec<columnar::Row> {
         snap.blocks_read += 1;
         match self.seg.read_block(&self.reader, fence) {
@@ -405,7 +427,13 @@ fn search_sealed(
         return;
     }
     for fence in candidates {
-        for row in o.read_block(fence, snap) {
+        let rows = match q.external {
+            Some((ip, Some(port))) => {
+                o.read_block_of_key(fence, (ip, port), Some((q.from_ns, q.to_ns)), snap)
+            }
+            _ => o.read_block(fence, snap),
+        };
+        for row in rows {
             let b = row.binding;
             if !q.matches_address(&b) {
                 continue;
@@ -454,7 +482,7 @@ fn follow_open_hits(
             let mut found = None;
             for fence in fences.iter().filter(|f| f.may_hold_key((ip, port))) {
                 if let Some(r) = o
-                    .read_block(fence, snap)
+                    .read_block_of_key(fence, (ip, port), None, snap)
                     .into_iter()
                     .find(|r| r.binding.id == id)
                 {
