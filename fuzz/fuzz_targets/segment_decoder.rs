@@ -42,12 +42,12 @@ fn block(b: &[u8]) {
         Ok(rows) => {
             assert!(!rows.is_empty(), "a block holds at least one row");
             // Building only some rows gives exactly those rows, ids included.
-            let keep = |k: columnar::ExtKey, _: i64, _: Option<i64>| k.1 % 2 == 0;
+            let keep = |k: columnar::ExtKey, _: i64, _: Option<i64>| k.1.is_multiple_of(2);
             let some = columnar::decode_block_where(b, Some(&keep))
                 .expect("a block that decodes whole decodes in part");
             let want: Vec<_> = rows
                 .into_iter()
-                .filter(|r| r.binding.external().1 % 2 == 0)
+                .filter(|r| r.binding.external().1.is_multiple_of(2))
                 .collect();
             assert_eq!(some, want);
         }
