@@ -1567,27 +1567,27 @@ fn decode_rows(
                     dst_port: u16::from_le_bytes([dp[0], dp[1]]),
                 })
             };
-            let (orig, reply) = (t()?, t()?);
-            // The tuples must give the row's own view, which queries select on.
-            let view = Binding {
-                proto: p,
-                status: st,
-                orig,
-                reply,
-                ..crate::storage::seal::EMPTY_BINDING
-            };
-            if (view.internal(), view.external(), view.destination())
-                != ((int_ip, iport), (ext_ip, port), (dst_ip, dport))
-            {
-                return Err((
-                    col::RAW,
-                    "tuples disagree with the row's addresses".to_owned(),
-                ));
-            }
-            (orig, reply)
+            (t()?, t()?)
         } else {
             derived_tuples(p, st, (int_ip, iport), (ext_ip, port), (dst_ip, dport))
         };
+        // The tuples must give back the row's own addresses, which queries select on (a
+        // crafted row could say otherwise, e.g. an external port on a DNAT-only ICMP row).
+        let view = Binding {
+            proto: p,
+            status: st,
+            orig,
+            reply,
+            ..crate::storage::seal::EMPTY_BINDING
+        };
+        if (view.internal(), view.external(), view.destination())
+            != ((int_ip, iport), (ext_ip, port), (dst_ip, dport))
+        {
+            return Err((
+                col::RAW,
+                "tuples disagree with the row's addresses".to_owned(),
+            ));
+        }
         rows.push(Row {
             binding: Binding {
                 id: 0,
