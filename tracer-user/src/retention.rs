@@ -144,7 +144,7 @@ struct JsonReport {
     cutoff: String,
     deleted: Vec<JsonDeleted>,
     kept_from: Option<JsonKept>,
-    problems: Vec<JsonProblem>,
+    problems: Vec<crate::storage::ReadProblem>,
 }
 
 #[derive(Debug, Serialize)]
@@ -163,13 +163,6 @@ struct JsonKept {
     /// "newest", "unsealed", "recent", "unreadable".
     reason: &'static str,
     detail: String,
-}
-
-#[derive(Debug, Serialize)]
-struct JsonProblem {
-    path: String,
-    offset: u64,
-    cause: String,
 }
 
 impl JsonReport {
@@ -199,15 +192,7 @@ impl JsonReport {
                 },
                 detail: s.reason.to_string(),
             }),
-            problems: r
-                .problems
-                .iter()
-                .map(|p| JsonProblem {
-                    path: p.path.display().to_string(),
-                    offset: p.offset,
-                    cause: p.cause.clone(),
-                })
-                .collect(),
+            problems: r.problems.clone(),
         }
     }
 }

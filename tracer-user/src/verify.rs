@@ -196,7 +196,7 @@ struct JsonReport {
     intact: bool,
     segments: Vec<JsonSegment>,
     ledger: JsonLedger,
-    problems: Vec<JsonProblem>,
+    problems: Vec<crate::storage::ReadProblem>,
 }
 
 #[derive(Debug, Serialize)]
@@ -225,13 +225,6 @@ struct JsonLedger {
     first_seq: Option<u32>,
     last_seq: Option<u32>,
     notes: Vec<String>,
-}
-
-#[derive(Debug, Serialize)]
-struct JsonProblem {
-    path: String,
-    offset: u64,
-    cause: String,
 }
 
 impl JsonReport {
@@ -279,15 +272,7 @@ impl JsonReport {
                 last_seq: r.ledger.seq_range.map(|r| r.1),
                 notes: r.ledger.notes.clone(),
             },
-            problems: r
-                .problems
-                .iter()
-                .map(|p| JsonProblem {
-                    path: p.path.display().to_string(),
-                    offset: p.offset,
-                    cause: p.cause.clone(),
-                })
-                .collect(),
+            problems: r.problems.clone(),
         }
     }
 }

@@ -156,14 +156,21 @@ pub struct Snapshot {
 }
 
 /// A part of a segment file that could not be read. Reading went on past it where possible.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// In JSON: `{"path": "...", "offset": n, "cause": "..."}`.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct ReadProblem {
     /// The segment file.
+    #[serde(serialize_with = "display_path")]
     pub path: PathBuf,
     /// Byte offset in the file where the problem starts (a header or frame start).
     pub offset: u64,
     /// What is wrong, in words.
     pub cause: String,
+}
+
+/// A path as text (lossy for names that are not UTF-8), as every report prints it.
+fn display_path<S: serde::Serializer>(path: &Path, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&path.display())
 }
 
 /// Errors of the storage layer.
