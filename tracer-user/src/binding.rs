@@ -49,6 +49,16 @@ pub struct Tuple {
     pub dst_port: u16,
 }
 
+impl Tuple {
+    /// 0.0.0.0:0 to 0.0.0.0:0.
+    pub const UNSPECIFIED: Tuple = Tuple {
+        src: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+        dst: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+        src_port: 0,
+        dst_port: 0,
+    };
+}
+
 /// Identifies a live conntrack entry: L4 protocol, original-direction tuple and zone.
 /// This is how an end (ctnetlink DESTROY) is matched to its start (ring buffer).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -132,6 +142,24 @@ pub struct Binding {
 pub type Endpoint = (IpAddr, u16);
 
 impl Binding {
+    /// A binding with every field zero or empty, to build others from.
+    pub const EMPTY: Binding = Binding {
+        id: 0,
+        proto: 0,
+        zone: 0,
+        mark: 0,
+        status: 0,
+        orig: Tuple::UNSPECIFIED,
+        reply: Tuple::UNSPECIFIED,
+        start_ns: 0,
+        start_approximate: false,
+        start_source: StartSource::Ring,
+        end_ns: None,
+        end_approximate: false,
+        orig_counters: None,
+        reply_counters: None,
+    };
+
     #[must_use]
     pub fn key(&self) -> ConntrackKey {
         ConntrackKey {

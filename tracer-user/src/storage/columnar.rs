@@ -1119,12 +1119,21 @@ impl SealedSegment {
         fence: &Fence,
         keep: RowFilter<'_>,
     ) -> Result<Vec<Row>, (u64, ColumnarError)> {
+        self.read_rows(src, fence, Some(keep))
+    }
+
+    fn read_rows(
+        &self,
+        src: &dyn ReadAt,
+        fence: &Fence,
+        keep: Option<RowFilter<'_>>,
+    ) -> Result<Vec<Row>, (u64, ColumnarError)> {
         let s = fence.block;
         if s.len as usize > MAX_BLOCK_LEN {
             return Err((s.offset, malformed("block", format!("length {}", s.len))));
         }
         let b = self.read_section(src, "block", s)?;
-        decode_block_where(&b, Some(keep)).map_err(|e| (s.offset, e))
+        decode_block_where(&b, keep).map_err(|e| (s.offset, e))
     }
 
     /// Reads one block (one read), checks its CRC and decodes its rows.
@@ -1133,13 +1142,7 @@ impl SealedSegment {
         src: &dyn ReadAt,
         fence: &Fence,
     ) -> Result<Vec<Row>, (u64, ColumnarError)> {
-        let s = fence.block;
-        let at = s.offset;
-        if s.len as usize > MAX_BLOCK_LEN {
-            return Err((at, malformed("block", format!("length {}", s.len))));
-        }
-        let b = self.read_section(src, "block", s)?;
-        decode_block(&b).map_err(|e| (at, e))
+        self.read_rows(src, fence, None)
     }
 }
 
@@ -1578,7 +1581,7 @@ fn decode_rows(
             status: st,
             orig,
             reply,
-            ..crate::storage::seal::EMPTY_BINDING
+            ..Binding::EMPTY
         };
         if (view.internal(), view.external(), view.destination())
             != ((int_ip, iport), (ext_ip, port), (dst_ip, dport))

@@ -13,42 +13,12 @@ use std::path::{Path, PathBuf};
 
 use foldhash::HashMap;
 
-use std::net::{IpAddr, Ipv4Addr};
-
-use crate::binding::{Binding, StartSource, Tuple};
+use crate::binding::Binding;
 
 use super::columnar::{self, Row, SegmentHeader};
 use super::merkle::Hash;
 use super::segment::{self, FrameAt, HEADER_LEN, Header, Record};
 use super::{CoverageEvent, SEALED_EXT, StorageError, segment_name};
-
-/// A binding with every field zero or empty, to build others from.
-pub const EMPTY_BINDING: Binding = Binding {
-    id: 0,
-    proto: 0,
-    zone: 0,
-    mark: 0,
-    status: 0,
-    orig: Tuple {
-        src: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-        dst: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-        src_port: 0,
-        dst_port: 0,
-    },
-    reply: Tuple {
-        src: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-        dst: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-        src_port: 0,
-        dst_port: 0,
-    },
-    start_ns: 0,
-    start_approximate: false,
-    start_source: StartSource::Ring,
-    end_ns: None,
-    end_approximate: false,
-    orig_counters: None,
-    reply_counters: None,
-};
 
 /// Where the next sealed segment links in the chain.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

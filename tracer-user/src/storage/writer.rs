@@ -15,7 +15,7 @@ use foldhash::HashMap;
 use super::columnar::{self, FileReader, SealedSegment};
 use super::lock::{self, DirLock};
 use super::merkle::Hash;
-use super::seal::{Chain, read_log, round_times, seal_log};
+use super::seal::{Chain, read_log, round_times, seal_log, sync_dir};
 use super::segment::{self, HEADER_LEN, Header, TARGET_PAYLOAD_LEN};
 use super::{
     CoverageEvent, OPEN_EXT, SEALED_EXT, SEGMENTS_DIR, StorageError, parse_segment_name,
@@ -592,10 +592,6 @@ impl Drop for Writer {
             );
         }
     }
-}
-
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
 }
 
 pub(crate) fn now_ns() -> i64 {
