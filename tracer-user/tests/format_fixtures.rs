@@ -2,7 +2,8 @@
 //!
 //! `tests/fixtures/` holds one small file of each on-disk layout, checked in as bytes:
 //!
-//! - `nattrcol-v1.seg`: a sealed columnar segment (`NATTRCOL`, version 1), the current format;
+//! - `nattrcol-v1.seg`: a sealed columnar segment (`NATTRCOL`, version 1; frozen, read only);
+//! - `nattrcol-v2.seg`: the same rows sealed in the current format (version 2);
 //! - `nattrseg-v1.seg`: a sealed segment of the first, row-oriented format (`NATTRSEG`,
 //!   version 1; FORMAT.md "Segment file"), which readers still read.
 //!
@@ -24,9 +25,12 @@ use tracer_user::binding::{
 };
 use tracer_user::storage::columnar::{self, Row, SealedSegment, SegmentHeader};
 use tracer_user::storage::segment::{self, FrameAt, Header, Record, Seal};
-use tracer_user::storage::{CoverageEvent, LossCause, filter, merkle};
+use tracer_user::storage::{CoverageEvent, LossCause, filter, merkle, record};
 
 const COLUMNAR: &str = "nattrcol-v1.seg";
+/// The same rows and events sealed by the current encoder (format version 2). Version 1
+/// files can no longer be written, so `nattrcol-v1.seg` is never regenerated.
+const COLUMNAR_V2: &str = "nattrcol-v2.seg";
 const FIRST_FORMAT: &str = "nattrseg-v1.seg";
 
 /// 2026-11-02T10:14:07Z.
@@ -320,6 +324,37 @@ fn columnar_v1_fixture_decodes_to_the_expected_rows() {
 }
 
 #[test]
+fn columnar_v2_fixture_hashes_every_record() {
+    let file = read_fixture(COLUMNAR_V2);
+    assert_eq!(&file[8..12], &2u32.to_le_bytes(), "version 2");
+    let seg = SealedSegment::open(&file).expect("the fixture opens");
+    assert_eq!(seg.version, 2);
+    assert_eq!(seg.header, columnar_header());
+    let fences = seg.fences(&file).expect("fences");
+    assert_eq!(fences.len(), 1);
+    let rows = seg
+        .read_block(&file, &fences[0])
+        .expect("the block decodes");
+    assert_eq!(rows, columnar_rows());
+    assert_eq!(seg.events(&file).expect("events"), columnar_events());
+    // The block's root is over its records' canonical encodings; the segment root over
+    // every record, then the events (FORMAT.md, "Merkle trees").
+    let mut leaves: Vec<merkle::Hash> = rows.iter().map(record::leaf).collect();
+    assert_eq!(fences[0].leaf, merkle::root(&leaves));
+    let events = record::events_data(&columnar_events());
+    assert_eq!(seg.summary.events_leaf, merkle::leaf_hash(&events));
+    leaves.push(seg.summary.events_leaf);
+    assert_eq!(seg.summary.root, merkle::root(&leaves));
+    // Byte-exact: the encoder still writes this fixture.
+    let (again, _) =
+        columnar::encode_segment(&columnar_header(), columnar_rows(), &columnar_events());
+    assert_eq!(
+        again, file,
+        "the encoder's output changed: a format change needs a version"
+    );
+}
+
+#[test]
 fn columnar_v1_fixture_views_are_the_investigators() {
     // The same rows as an investigator reads them (Binding::internal/external/destination).
     let file = read_fixture(COLUMNAR);
@@ -565,7 +600,7 @@ fn regenerate_fixtures() {
 
     let (file, _root) =
         columnar::encode_segment(&columnar_header(), columnar_rows(), &columnar_events());
-    std::fs::write(fixture(COLUMNAR), file).expect("write the columnar fixture");
+    std::fs::write(fixture(COLUMNAR_V2), file).expect("write the columnar fixture");
 
     let mut file = first_format_header().encode().to_vec();
     let mut payload = Vec::new();
@@ -584,7 +619,7 @@ fn regenerate_fixtures() {
     std::fs::write(fixture(FIRST_FORMAT), file).expect("write the first-format fixture");
     eprintln!(
         "wrote {} and {}",
-        fixture(COLUMNAR).display(),
+        fixture(COLUMNAR_V2).display(),
         fixture(FIRST_FORMAT).display()
     );
 }

@@ -16,12 +16,15 @@ use crate::binding::{Binding, Counters, StartSource, Tuple, is_icmp};
 use super::CoverageEvent;
 use super::filter::{self, Fuse8};
 use super::merkle::{self, Hash};
+use super::record;
 use super::segment;
 
 /// First eight bytes of a sealed segment, and last eight bytes of its trailer.
 pub const MAGIC: [u8; 8] = *b"NATTRCOL";
 /// The format version this code writes and reads.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
+/// The oldest version this build reads (version 1 hashed whole blocks, not records).
+pub const MIN_VERSION: u32 = 1;
 /// Size of the header in bytes.
 pub const HEADER_LEN: usize = 96;
 /// Size of the trailer in bytes.
@@ -138,7 +141,9 @@ pub enum ColumnarError {
         found: [u8; 8],
     },
     /// The header names another version.
-    #[error("unsupported sealed segment format version {version} (this build reads {VERSION})")]
+    #[error(
+        "unsupported sealed segment format version {version} (this build reads {MIN_VERSION} to {VERSION})"
+    )]
     UnsupportedVersion {
         /// Version found.
         version: u32,
@@ -301,6 +306,11 @@ impl SegmentHeader {
 
     /// Parses and checks the header bytes (magic, version, checksum).
     pub fn decode(h: &[u8]) -> Result<Self, ColumnarError> {
+        Self::decode_versioned(h).map(|(header, _)| header)
+    }
+
+    /// [`SegmentHeader::decode`], also giving the format version.
+    pub fn decode_versioned(h: &[u8]) -> Result<(Self, u32), ColumnarError> {
         let h = h.get(..HEADER_LEN).ok_or(ColumnarError::TooShort {
             len: h.len() as u64,
         })?;
@@ -312,18 +322,19 @@ impl SegmentHeader {
             });
         }
         let version = u32_at(h, 8);
-        if version != VERSION {
+        if !(MIN_VERSION..=VERSION).contains(&version) {
             return Err(ColumnarError::UnsupportedVersion { version });
         }
         check_crc("header", &h[0..92], u32_at(h, 92))?;
-        Ok(Self {
+        let header = Self {
             seq: u32_at(h, 12),
             writer_id: h[16..32].try_into().expect("16 bytes"),
             prev_seq: u32_at(h, 32),
             prev_root: h[40..72].try_into().expect("32 bytes"),
             window_start_ns: i64_at(h, 72),
             window_end_ns: i64_at(h, 80),
-        })
+        };
+        Ok((header, version))
     }
 }
 
@@ -355,9 +366,11 @@ pub struct Summary {
     pub t_lo_ns: i64,
     /// Latest time any row answers for, ns.
     pub t_hi_ns: i64,
-    /// Merkle root over the block leaf hashes and the events leaf hash.
+    /// Merkle root of the segment. Version 2: over every row's record leaf, in row order,
+    /// then the events leaf. Version 1: over the blocks' leaf hashes and the events leaf.
     pub root: Hash,
-    /// Leaf hash of the events section.
+    /// Leaf hash of the coverage events. Version 2: of their canonical encoding
+    /// ([`record::events_data`]); version 1: of the stored (compressed) section.
     pub events_leaf: Hash,
     /// The fence pointers.
     pub fences: Section,
@@ -459,7 +472,8 @@ pub struct Fence {
     pub key_lo: ExtKey,
     /// External key of the last row.
     pub key_hi: ExtKey,
-    /// `SHA-256(0x00 || block bytes)`.
+    /// Version 2: the Merkle root over the block's record leaves (a subtree of the
+    /// segment's tree when the block is full). Version 1: `SHA-256(0x00 || block bytes)`.
     pub leaf: Hash,
 }
 
@@ -550,19 +564,21 @@ pub fn answer_interval(row: &Row, window_start_ns: i64, window_end_ns: i64) -> (
 }
 
 /// The sealed segment file for `rows` and `events`: returns the bytes and the root.
-/// Rows are sorted here; their times must already be rounded ([`floor_time`], [`ceil_time`]).
+/// Rows are sorted here, and their times rounded outward to the stored unit ([`floor_time`],
+/// [`ceil_time`]) so that the record leaves hash exactly what a reader decodes.
 #[must_use]
 pub fn encode_segment(
     header: &SegmentHeader,
     rows: Vec<Row>,
     events: &[CoverageEvent],
 ) -> (Vec<u8>, Hash) {
-    let rows = sort_rows(rows);
+    let rows = sort_rows(rows.into_iter().map(round_row).collect());
     let mut out = Vec::with_capacity(HEADER_LEN + rows.len() * 16 + 4096);
     out.extend_from_slice(&header.encode());
     let mut compressor = zstd::bulk::Compressor::new(ZSTD_LEVEL).expect("zstd context");
     let mut fences = Vec::new();
-    let mut leaves = Vec::new();
+    // Version 2: one leaf per row, in row order, then the events leaf.
+    let mut leaves = Vec::with_capacity(rows.len() + 1);
     let (mut t_lo, mut t_hi) = (i64::MAX, i64::MIN);
     let mut ext_keys = Vec::with_capacity(rows.len());
     let mut int_keys = Vec::with_capacity(rows.len());
@@ -579,8 +595,9 @@ pub fn encode_segment(
         }
         t_lo = t_lo.min(lo);
         t_hi = t_hi.max(hi);
-        let leaf = merkle::leaf_hash(&block);
-        leaves.push(leaf);
+        let first = leaves.len();
+        leaves.extend(chunk.iter().map(record::leaf));
+        let leaf = merkle::root(&leaves[first..]);
         fences.push(Fence {
             block: Section {
                 offset: out.len() as u64,
@@ -601,12 +618,11 @@ pub fn encode_segment(
         t_hi = header.window_end_ns;
     }
     // Events: the log records of the coverage events, zstd.
-    let mut ev = Vec::new();
-    for e in events {
-        segment::encode_event(&mut ev, e);
-    }
-    let ev = compressor.compress(&ev).expect("zstd compresses in memory");
+    let ev = record::events_data(events);
     let events_leaf = merkle::leaf_hash(&ev);
+    let ev = compressor
+        .compress(&ev[1..])
+        .expect("zstd compresses in memory");
     leaves.push(events_leaf);
     let events_section = append_section(&mut out, &ev);
     let mut f = Vec::new();
@@ -644,6 +660,21 @@ pub fn encode_segment(
     out.extend_from_slice(&crc32c::crc32c(&s).to_le_bytes());
     out.extend_from_slice(&MAGIC);
     (out, root)
+}
+
+/// `b` with its start rounded down and its end rounded up to the stored unit (1 ms).
+#[must_use]
+pub fn round_times(mut b: Binding) -> Binding {
+    b.start_ns = floor_time(b.start_ns);
+    b.end_ns = b.end_ns.map(|e| ceil_time(e).max(b.start_ns));
+    b
+}
+
+fn round_row(row: Row) -> Row {
+    Row {
+        binding: round_times(row.binding),
+        carried: row.carried,
+    }
 }
 
 fn append_section(out: &mut Vec<u8>, bytes: &[u8]) -> Section {
@@ -933,6 +964,8 @@ fn encode_block(rows: &[Row], compressor: &mut zstd::bulk::Compressor<'_>) -> Ve
 pub struct SealedSegment {
     /// The header.
     pub header: SegmentHeader,
+    /// Format version from the header ([`VERSION`] until the header is read).
+    pub version: u32,
     /// The footer summary.
     pub summary: Summary,
     /// File length.
@@ -951,7 +984,7 @@ impl SealedSegment {
     pub fn with_summary(src: &dyn ReadAt, summary: Summary) -> Result<Self, (u64, ColumnarError)> {
         let file_len = src.size();
         let header = src.read_at(0, HEADER_LEN).map_err(|e| (0, e.into()))?;
-        let header = SegmentHeader::decode(&header).map_err(|e| (0, e))?;
+        let (header, version) = SegmentHeader::decode_versioned(&header).map_err(|e| (0, e))?;
         let tail_at = file_len - (SUMMARY_LEN + TRAILER_LEN) as u64;
         if (header.window_start_ns, header.window_end_ns)
             != (summary.window_start_ns, summary.window_end_ns)
@@ -963,6 +996,7 @@ impl SealedSegment {
         }
         Ok(Self {
             header,
+            version,
             summary,
             file_len,
         })
@@ -982,6 +1016,7 @@ impl SealedSegment {
                 window_start_ns: summary.window_start_ns,
                 window_end_ns: summary.window_end_ns,
             },
+            version: VERSION,
             summary,
             file_len,
         }

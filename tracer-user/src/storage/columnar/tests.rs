@@ -131,11 +131,28 @@ fn segment_round_trips_every_field() {
     let mut back = Vec::new();
     let mut leaves = Vec::new();
     for f in &fences {
-        back.extend(seg.read_block(&file, f).unwrap());
-        leaves.push(f.leaf);
+        let rows = seg.read_block(&file, f).unwrap();
+        let block_leaves: Vec<_> = rows.iter().map(crate::storage::record::leaf).collect();
+        assert_eq!(
+            merkle::root(&block_leaves),
+            f.leaf,
+            "a block's root is over its records"
+        );
+        leaves.extend(block_leaves);
+        back.extend(rows);
     }
+    assert_eq!(
+        seg.summary.events_leaf,
+        crate::storage::record::events_leaf_of_records(
+            &crate::storage::record::events_data(&events)[1..]
+        )
+    );
     leaves.push(seg.summary.events_leaf);
-    assert_eq!(merkle::root(&leaves), root);
+    assert_eq!(
+        merkle::root(&leaves),
+        root,
+        "the root is over every record, then the events"
+    );
     let want = sorted(rows);
     assert_eq!(back.len(), want.len());
     for (a, b) in back.iter().zip(&want) {
