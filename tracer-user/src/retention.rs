@@ -279,10 +279,10 @@ mod tests {
         // --keep wins over the file.
         let (_, out, _) = run_in(dir.path(), &["--dry-run", "--keep", "1s"], now);
         assert!(out.contains("would delete 2 segments "), "{out}");
-        fs::write(&config, "retention = \"8d\"\nmax_window = \"1d\"\n").unwrap();
+        fs::write(&config, "retention = \"8d\"\nretension = \"1d\"\n").unwrap();
         let msg = bad_input(run_in(dir.path(), &["--dry-run"], now).0);
         assert!(
-            msg.contains("nattrace.toml:2: unknown key 'max_window'"),
+            msg.contains("nattrace.toml:2: unknown key 'retension'"),
             "{msg}"
         );
         let msg = bad_input(run_in(dir.path(), &["--keep", "soon"], now).0);

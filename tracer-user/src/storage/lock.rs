@@ -3,12 +3,12 @@
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::thread;
 use std::time::Duration;
 
 use super::{LOCK_FILE, StorageError};
+use crate::access::{self, Access};
 
 /// How often, and how far apart, taking the lock is tried before giving up: a reader probing
 /// with a shared lock holds it for microseconds and must not make a starting agent fail.
@@ -22,18 +22,21 @@ pub(crate) struct DirLock {
     _file: File,
 }
 
-/// Takes the exclusive lock on `dir/LOCK` (creating the file, mode 0640) and writes our pid
-/// into it. Fails with [`StorageError::Locked`] naming the holder's pid.
-pub(crate) fn lock_exclusive(dir: &Path) -> Result<DirLock, StorageError> {
+/// Takes the exclusive lock on `dir/LOCK` (creating the file, mode 0640 and the group of
+/// `access`) and writes our pid into it. Fails with [`StorageError::Locked`] naming the
+/// holder's pid.
+pub(crate) fn lock_exclusive(dir: &Path, access: &Access) -> Result<DirLock, StorageError> {
     let path = dir.join(LOCK_FILE);
-    let mut file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o640)
-        .open(&path)
-        .map_err(|e| StorageError::io("open", &path, e))?;
+    let mut file = access::create_file(
+        &path,
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false),
+        access,
+    )
+    .map_err(|e| StorageError::io("open", &path, e))?;
     let mut attempt = 1;
     loop {
         match file.try_lock() {
@@ -96,9 +99,9 @@ mod tests {
     fn second_lock_fails_naming_our_pid_and_probe_sees_it() {
         let dir = tempfile::tempdir().unwrap();
         assert!(!is_locked(dir.path()));
-        let held = lock_exclusive(dir.path()).unwrap();
+        let held = lock_exclusive(dir.path(), &Access::default()).unwrap();
         assert!(is_locked(dir.path()));
-        match lock_exclusive(dir.path()) {
+        match lock_exclusive(dir.path(), &Access::default()) {
             Err(StorageError::Locked { path, pid }) => {
                 assert_eq!(path, dir.path().join("LOCK"));
                 assert_eq!(pid, Some(std::process::id()));
@@ -107,6 +110,6 @@ mod tests {
         }
         drop(held);
         assert!(!is_locked(dir.path()));
-        let _again = lock_exclusive(dir.path()).unwrap();
+        let _again = lock_exclusive(dir.path(), &Access::default()).unwrap();
     }
 }

@@ -16,7 +16,6 @@
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -382,14 +381,18 @@ impl LedgerWriter {
     fn open(dir: &Path) -> Result<Self, StorageError> {
         let path = dir.join(LEDGER_FILE);
         let created = !path.exists();
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o640)
-            .open(&path)
-            .map_err(|e| StorageError::io("open", &path, e))?;
+        // Mode 0640 and the data directory's group (`crate::access`).
+        let access = crate::access::of_data_dir(dir)?;
+        let mut file = crate::access::create_file(
+            &path,
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false),
+            &access,
+        )
+        .map_err(|e| StorageError::io("open", &path, e))?;
         if created {
             // The ledger's directory entry must be durable before any segment goes.
             sync_dir(dir)?;
