@@ -9,11 +9,13 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::audit::{COMMAND_QUERY, NewEntry};
 use crate::binding::Binding;
 use crate::cliparse::{self, ParseError};
 use crate::coverage::Coverage;
 use crate::exit::{Status, UserError};
-use crate::output::{Format, write_bindings};
+use crate::output::{Format, format_time, proto_label, write_bindings};
+use crate::proportionality;
 use crate::storage::{self, ReadProblem, Search, Snapshot, StorageError};
 
 /// Slack of `--external … --at` when `--slack` is not given.
@@ -52,6 +54,14 @@ pub struct QueryArgs {
     /// Only this protocol: tcp, udp, icmp, icmpv6, or a number.
     #[arg(long, value_name = "P")]
     pub proto: Option<String>,
+    /// Case the question belongs to, recorded in the audit log (required when the data
+    /// directory's nattrace.toml says require_case = true).
+    #[arg(long, value_name = "ID")]
+    pub case: Option<String>,
+    /// Why the question is asked, recorded in the audit log (required for a window longer
+    /// than the data directory's max_window, 24h by default).
+    #[arg(long, value_name = "TEXT")]
+    pub reason: Option<String>,
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Table)]
     pub format: Format,
@@ -125,6 +135,20 @@ impl Query {
         })
     }
 
+    /// Length of the window, in nanoseconds: twice the slack of `--at`, or `--to` minus
+    /// `--from`.
+    #[must_use]
+    pub fn window_ns(&self) -> i64 {
+        self.search.to_ns.saturating_sub(self.search.from_ns)
+    }
+
+    /// The question as one canonical line, as recorded in the audit log (see
+    /// [`describe_search`]).
+    #[must_use]
+    pub fn describe(&self) -> String {
+        describe_search(&self.search)
+    }
+
     /// The binding is of the addresses (and ports, and protocol) looked for.
     #[must_use]
     pub fn matches_address(&self, b: &Binding) -> bool {
@@ -152,6 +176,38 @@ impl Query {
     }
 }
 
+/// A search as one canonical line of normalized flags, the form the audit log records:
+/// `--external 203.0.113.7:40123 --proto tcp --from 2026-11-02T10:14:05.000000000Z --to …`
+/// (conditions in the order external, internal, destination, proto; times in UTC with 9
+/// fraction digits; `--at` and `--slack` given as the window they make).
+#[must_use]
+pub fn describe_search(search: &Search) -> String {
+    let endpoint = |(ip, port): (IpAddr, Option<u16>)| match (ip, port) {
+        (ip, None) => ip.to_string(),
+        (IpAddr::V4(ip), Some(p)) => format!("{ip}:{p}"),
+        (IpAddr::V6(ip), Some(p)) => format!("[{ip}]:{p}"),
+    };
+    let mut parts = Vec::new();
+    for (name, value) in [
+        ("--external", search.external),
+        ("--internal", search.internal),
+        ("--destination", search.destination),
+    ] {
+        if let Some(v) = value {
+            parts.push(format!("{name} {}", endpoint(v)));
+        }
+    }
+    if let Some(p) = search.proto {
+        parts.push(format!("--proto {}", proto_label(p)));
+    }
+    parts.push(format!(
+        "--from {} --to {}",
+        format_time(search.from_ns),
+        format_time(search.to_ns)
+    ));
+    parts.join(" ")
+}
+
 /// Runs `nattrace query`: exit status 0 with results, 1 without, 2 for bad input, 3 when
 /// some data is unreadable (results still printed), 4 when the data dir is not readable.
 pub fn run(args: &QueryArgs) -> anyhow::Result<Status> {
@@ -173,8 +229,21 @@ pub fn execute(
     err: &mut dyn Write,
 ) -> anyhow::Result<Status> {
     let query = Query::from_args(args)?;
+    let config = proportionality::load_config(&args.data_dir)?;
+    proportionality::check(
+        &config,
+        args.case.as_deref(),
+        args.reason.as_deref(),
+        query.window_ns(),
+    )?;
     let snap = load(&args.data_dir, &query.search)?;
     let found = query.select(&snap.bindings, now);
+    // Recorded before anything of the answer is shown; not shown when it cannot be.
+    let mut entry = NewEntry::now(COMMAND_QUERY, query.describe());
+    entry.case.clone_from(&args.case);
+    entry.reason.clone_from(&args.reason);
+    entry.results = found.len() as u64;
+    proportionality::record(&args.data_dir, &config, entry, err)?;
     report_problems(err, &snap.problems)?;
     let q = &query.search;
     if let Some(w) =
@@ -779,5 +848,242 @@ mod tests {
         let ue = e.downcast_ref::<UserError>().unwrap();
         assert_eq!(ue.status, Status::BadInput);
         assert!(ue.message.starts_with("--data-dir: '"), "{}", ue.message);
+    }
+
+    /// A data dir with bindings 1 and 2 at T (both on 203.0.113.7, subscriber 100.64.0.1),
+    /// its configuration `config`.
+    fn audited_dir(config: &str) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(crate::config::CONFIG_FILE), config).unwrap();
+        let mut w = Writer::open(dir.path()).unwrap();
+        w.append_event(CoverageEvent::Attached {
+            t_ns: T - 100 * S,
+            backend: "ebpf".into(),
+        });
+        for (id, port) in [(1, 40001), (2, 40002)] {
+            let mut b = binding(id, port, T - 5 * S, Some(T + 5 * S));
+            b.orig.src = "100.64.0.1".parse().unwrap();
+            w.append_binding(&b);
+        }
+        w.append_event(CoverageEvent::Detached { t_ns: T + 100 * S });
+        w.close().unwrap();
+        dir
+    }
+
+    fn audit_entries(dir: &Path) -> Vec<crate::audit::AuditEntry> {
+        crate::audit::read_log(dir)
+            .unwrap()
+            .0
+            .into_iter()
+            .map(|l| l.entry.unwrap())
+            .collect()
+    }
+
+    fn refusal(r: anyhow::Result<Status>) -> UserError {
+        let e = r.unwrap_err();
+        let ue = e.downcast_ref::<UserError>().unwrap();
+        UserError {
+            status: ue.status,
+            message: ue.message.clone(),
+        }
+    }
+
+    #[test]
+    fn required_case_is_refused_without_case_and_recorded_with_it() {
+        let dir = audited_dir("require_case = true\n");
+        let argv = ["--internal", "100.64.0.1", "--at", "1793614447"];
+        let (r, out, err) = run_in(dir.path(), &argv, T + 1000 * S);
+        let e = refusal(r);
+        assert_eq!(e.status, Status::BadInput);
+        assert!(e.message.contains("requires a case id"), "{}", e.message);
+        assert_eq!((out.as_str(), err.as_str()), ("", ""));
+        assert!(audit_entries(dir.path()).is_empty());
+
+        let mut with_case = argv.to_vec();
+        with_case.extend(["--case", "CASE-17", "--format", "csv"]);
+        let (r, out, _) = run_in(dir.path(), &with_case, T + 1000 * S);
+        assert_eq!(r.unwrap(), Status::Ok);
+        assert_eq!(out.lines().count(), 3);
+        let entries = audit_entries(dir.path());
+        assert_eq!(entries.len(), 1);
+        assert_eq!(entries[0].case.as_deref(), Some("CASE-17"));
+        assert_eq!(entries[0].reason, None);
+        assert_eq!(entries[0].command, "query");
+    }
+
+    #[test]
+    fn long_window_needs_a_reason() {
+        let dir = audited_dir("");
+        let two_days = [
+            "--internal",
+            "100.64.0.1",
+            "--from",
+            "2026-11-01T10:00:00Z",
+            "--to",
+            "2026-11-03T10:00:00Z",
+        ];
+        let (r, out, err) = run_in(dir.path(), &two_days, T + 1000 * S);
+        let e = refusal(r);
+        assert_eq!(e.status, Status::BadInput);
+        assert!(
+            e.message.starts_with(
+                "the window of 2days is longer than this data directory's limit of 1day"
+            ),
+            "{}",
+            e.message
+        );
+        assert!(e.message.contains("--reason"), "{}", e.message);
+        assert_eq!((out.as_str(), err.as_str()), ("", ""));
+        // --at with --slack: twice the slack.
+        let (r, _, _) = run_in(
+            dir.path(),
+            &[
+                "--internal",
+                "100.64.0.1",
+                "--at",
+                "1793614447",
+                "--slack",
+                "13h",
+            ],
+            T + 1000 * S,
+        );
+        assert!(
+            refusal(r)
+                .message
+                .starts_with("the window of 1day 2h is longer")
+        );
+        let (r, _, _) = run_in(
+            dir.path(),
+            &[
+                "--internal",
+                "100.64.0.1",
+                "--at",
+                "1793614447",
+                "--slack",
+                "12h",
+            ],
+            T + 1000 * S,
+        );
+        assert_eq!(r.unwrap(), Status::Ok);
+        assert!(audit_entries(dir.path()).len() == 1);
+
+        let mut with_reason = two_days.to_vec();
+        with_reason.extend(["--reason", "abuse report 4711 spans two days"]);
+        let (r, _, _) = run_in(dir.path(), &with_reason, T + 1000 * S);
+        assert_eq!(r.unwrap(), Status::Ok);
+        let entries = audit_entries(dir.path());
+        assert_eq!(entries.len(), 2);
+        assert_eq!(
+            entries[1].reason.as_deref(),
+            Some("abuse report 4711 spans two days")
+        );
+        assert_eq!(
+            entries[1].query,
+            "--internal 100.64.0.1 --from 2026-11-01T10:00:00.000000000Z \
+             --to 2026-11-03T10:00:00.000000000Z"
+        );
+
+        // A data directory's own limit.
+        let dir = audited_dir("max_window = \"1h\"\n");
+        let (r, _, _) = run_in(
+            dir.path(),
+            &["--internal", "100.64.0.1", "--from", "0", "--to", "3601"],
+            T,
+        );
+        assert!(
+            refusal(r).message.starts_with(
+                "the window of 1h 1s is longer than this data directory's limit of 1h"
+            ),
+        );
+    }
+
+    #[test]
+    fn every_answer_is_audited_with_its_results_before_it_is_shown() {
+        let dir = audited_dir("");
+        let at = ["--at", "2026-11-02T10:14:07Z"];
+        for (argv, results, status) in [
+            (vec!["--external", "203.0.113.7"], 2, Status::Ok),
+            (
+                vec!["--external", "[2001:db8::1]:40001", "--proto", "udp"],
+                0,
+                Status::NoResults,
+            ),
+            (
+                vec![
+                    "--external",
+                    "203.0.113.7:40002",
+                    "--internal",
+                    "100.64.0.1",
+                ],
+                1,
+                Status::Ok,
+            ),
+        ] {
+            let mut full = argv.clone();
+            full.extend(at);
+            let (r, _, _) = run_in(dir.path(), &full, T + 1000 * S);
+            assert_eq!(r.unwrap(), status, "{argv:?}");
+            let last = audit_entries(dir.path()).pop().unwrap();
+            assert_eq!(last.results, results, "{argv:?}");
+        }
+        let entries = audit_entries(dir.path());
+        assert_eq!(
+            entries.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            vec![1, 2, 3]
+        );
+        assert_eq!(
+            entries[1].query,
+            "--external [2001:db8::1]:40001 --proto udp --from 2026-11-02T10:14:05.000000000Z \
+             --to 2026-11-02T10:14:09.000000000Z"
+        );
+        assert_eq!(
+            entries[2].query,
+            "--external 203.0.113.7:40002 --internal 100.64.0.1 \
+             --from 2026-11-02T10:14:05.000000000Z --to 2026-11-02T10:14:09.000000000Z"
+        );
+        assert!(crate::audit::verify(dir.path(), None).unwrap().is_intact());
+
+        // When the entry cannot be written, nothing is shown.
+        std::fs::remove_file(dir.path().join(crate::audit::AUDIT_LOG)).unwrap();
+        std::fs::create_dir(dir.path().join(crate::audit::AUDIT_LOG)).unwrap();
+        let (r, out, err) = run_in(
+            dir.path(),
+            &["--external", "203.0.113.7", "--at", "2026-11-02T10:14:07Z"],
+            T + 1000 * S,
+        );
+        let e = refusal(r);
+        assert_eq!(e.status, Status::Environment);
+        assert!(
+            e.message
+                .ends_with("queries are refused when they cannot be audited"),
+            "{}",
+            e.message
+        );
+        assert_eq!((out.as_str(), err.as_str()), ("", ""));
+    }
+
+    #[test]
+    fn unreadable_signing_key_warns_and_records_unsigned() {
+        let dir = audited_dir("sign_key = \"missing.key\"\n");
+        let (r, out, err) = run_in(
+            dir.path(),
+            &[
+                "--external",
+                "203.0.113.7:40001",
+                "--at",
+                "2026-11-02T10:14:07Z",
+                "--format",
+                "csv",
+            ],
+            T + 1000 * S,
+        );
+        assert_eq!(r.unwrap(), Status::Ok);
+        assert_eq!(out.lines().count(), 2);
+        assert!(
+            err.starts_with("nattrace: warning: cannot read the signing key ")
+                && err.ends_with("audit entry 1 recorded without a signature\n")
+                && err.lines().count() == 1,
+            "{err}"
+        );
     }
 }
