@@ -49,6 +49,10 @@ pub struct RunArgs {
     /// smaller segments (less per-segment compression) and older data sealed sooner.
     #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
     pub segment_max_age: Duration,
+    /// Sign every sealed segment's checkpoint with this private key (from nattrace keygen)
+    /// [default: sign_key of DIR/nattrace.toml; neither: segments are unsigned].
+    #[arg(long, value_name = "FILE")]
+    pub sign_key: Option<PathBuf>,
 }
 
 fn parse_ring_bytes(s: &str) -> Result<u32, String> {
@@ -103,6 +107,11 @@ pub fn run(args: &RunArgs) -> anyhow::Result<Status> {
         max_segment_age: args.segment_max_age,
         ..WriterOptions::default()
     };
+    let config =
+        crate::config::load(&args.data_dir).map_err(|e| UserError::bad_input(e.to_string()))?;
+    let signer = config
+        .signer(args.sign_key.as_deref())
+        .map_err(|e| UserError::environment(format!("signing key: {}", with_causes(&e))))?;
     let mut writer = Writer::open_with_options(&args.data_dir, options).map_err(|e| {
         UserError::environment(format!(
             "cannot use data dir {}: {}",
@@ -110,9 +119,21 @@ pub fn run(args: &RunArgs) -> anyhow::Result<Status> {
             with_causes(&e)
         ))
     })?;
+    if let Some(key) = signer {
+        let name = key.name().to_owned();
+        let signed = writer.sign_with(std::sync::Arc::new(key)).map_err(|e| {
+            UserError::environment(format!("signing checkpoints: {}", with_causes(&e)))
+        })?;
+        log::info!(
+            "signing checkpoints with key {name}{}",
+            if signed > 0 {
+                format!(" ({signed} segments sealed without a checkpoint signed now)")
+            } else {
+                String::new()
+            }
+        );
+    }
     let previous_open = writer.inherited().to_vec();
-    let config =
-        crate::config::load(&args.data_dir).map_err(|e| UserError::bad_input(e.to_string()))?;
     writer.append_event(CoverageEvent::AgentStart {
         t_ns: now_unix_ns(),
         pid: std::process::id(),

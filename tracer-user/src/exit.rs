@@ -39,6 +39,14 @@ impl UserError {
             message: message.into(),
         }
     }
+
+    /// Some data could not be read or proven: status 3.
+    pub fn partial(message: impl Into<String>) -> Self {
+        Self {
+            status: Status::Partial,
+            message: message.into(),
+        }
+    }
 }
 
 impl fmt::Display for UserError {

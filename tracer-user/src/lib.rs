@@ -7,7 +7,10 @@
 //! [`import`] (bindings from CSV or `conntrack -E` text), [`agent`] (`nattrace run`),
 //! [`workload`] (synthetic CGNAT bindings for benchmarks).
 
+pub mod access;
 pub mod agent;
+pub mod audit;
+pub mod audit_cli;
 pub mod binding;
 pub mod btf;
 pub mod capture;
@@ -15,13 +18,18 @@ pub mod cliparse;
 pub mod clock;
 pub mod config;
 pub mod conntrack;
+pub mod cosign;
 pub mod coverage;
+pub mod evidence;
 pub mod exit;
 pub mod import;
+pub mod keygen;
 pub mod output;
 pub mod preflight;
+pub mod proportionality;
 pub mod query;
 pub mod retention;
+pub mod signing;
 pub mod stats;
 pub mod storage;
 pub mod tracker;

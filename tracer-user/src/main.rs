@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use tracer_user::{
-    agent, coverage,
+    agent, audit_cli, coverage,
     exit::{Status, UserError},
     import, query, retention, stats, verify,
 };
@@ -30,10 +30,19 @@ enum Command {
     Stats(stats::StatsArgs),
     /// Import bindings from CSV or `conntrack -E` text into a data directory.
     Import(import::ImportArgs),
-    /// Check every segment's checksums, hashes and the hash chain; exit 0 only if intact.
+    /// Write one case's answer as a signed evidence bundle, with a proof for every record.
+    Export(tracer_user::evidence::export::ExportArgs),
+    /// Check a data directory (checksums, hashes, chain, signatures) or an evidence bundle
+    /// offline; exit 0 only if intact.
     Verify(verify::VerifyArgs),
     /// Delete sealed segments older than a retention period, recording each in the ledger.
     Retention(retention::RetentionArgs),
+    /// List the audit log of queries and exports, or check its hash chain and head (--verify).
+    Audit(audit_cli::AuditArgs),
+    /// Create an Ed25519 key pair for signing checkpoints (nattrace.key and nattrace.pub).
+    Keygen(tracer_user::keygen::KeygenArgs),
+    /// Add a signature by a second key to every checkpoint of a data directory.
+    Cosign(tracer_user::cosign::CosignArgs),
 }
 
 fn main() -> ExitCode {
@@ -47,8 +56,12 @@ fn main() -> ExitCode {
         Command::Coverage(args) => coverage::run(args),
         Command::Stats(args) => stats::run(args),
         Command::Import(args) => import::run(args),
+        Command::Export(args) => tracer_user::evidence::export::run(args),
         Command::Verify(args) => verify::run(args),
         Command::Retention(args) => retention::run(args),
+        Command::Audit(args) => audit_cli::run(args),
+        Command::Keygen(args) => tracer_user::keygen::run(args),
+        Command::Cosign(args) => tracer_user::cosign::run(args),
     };
     match result {
         Ok(status) => ExitCode::from(status as u8),

@@ -5,35 +5,88 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
+use crate::evidence::check;
 use crate::exit::{Status, UserError};
 use crate::output::ReportFormat;
+use crate::signing::VerifierKey;
 use crate::storage::StorageError;
 use crate::storage::retention::hex;
 use crate::storage::verify::{
-    Link, SegmentKind, SegmentReport, VerifyReport, seq_name, short_hex, verify_dir,
+    Link, SegmentKind, SegmentReport, SignatureReport, VerifyReport, check_signatures, seq_name,
+    short_hex, verify_dir,
 };
 
-/// `nattrace verify`: checks every segment, the hash chain and the retention ledger.
+/// `nattrace verify`: checks a data directory (every segment, the hash chain, the retention
+/// ledger, and with `--key` every checkpoint's signature), or an evidence bundle offline.
 #[derive(Clone, Debug, clap::Args)]
 pub struct VerifyArgs {
+    /// An evidence bundle written by `nattrace export`, to verify offline with --key.
+    #[arg(value_name = "BUNDLE", required_unless_present = "data_dir")]
+    pub bundle: Option<PathBuf>,
     /// Data directory written by the agent.
     #[arg(long, env = "NATTRACE_DATA_DIR", value_name = "DIR")]
-    pub data_dir: PathBuf,
+    pub data_dir: Option<PathBuf>,
+    /// The producer's public key (nattrace.pub). Required for a bundle; for a data directory,
+    /// every sealed segment must then have a checkpoint signed by it.
+    #[arg(long, value_name = "PUBKEY", required_unless_present = "data_dir")]
+    pub key: Option<PathBuf>,
+    /// A witness's public key: second signatures by it are verified too (repeatable).
+    #[arg(long, value_name = "PUBKEY")]
+    pub witness: Vec<PathBuf>,
     /// Output format.
     #[arg(long, value_enum, default_value_t = ReportFormat::Table)]
     pub format: ReportFormat,
 }
 
 /// Runs `nattrace verify`: exit status 0 when everything is intact, 3 when any problem was
-/// found, 4 when the data directory is missing or unreadable.
+/// found, 4 when the data directory is missing or unreadable, 2 for an unusable key.
 pub fn run(args: &VerifyArgs) -> anyhow::Result<Status> {
     let stdout = io::stdout();
     crate::query::ignore_broken_pipe(execute(args, &mut stdout.lock()))
 }
 
+fn load_key(path: &Path) -> anyhow::Result<VerifierKey> {
+    VerifierKey::load(path).map_err(|e| UserError::bad_input(format!("--key: {e}")).into())
+}
+
 /// [`run`] with the output stream given.
 pub fn execute(args: &VerifyArgs, out: &mut dyn Write) -> anyhow::Result<Status> {
-    let report = verify_dir(&args.data_dir).map_err(|e| dir_error(&args.data_dir, e))?;
+    let key = args.key.as_deref().map(load_key).transpose()?;
+    if let Some(bundle) = &args.bundle {
+        let key = key.ok_or_else(|| {
+            UserError::bad_input("--key: give the producer's public key to verify a bundle")
+        })?;
+        let witnesses = args
+            .witness
+            .iter()
+            .map(|p| load_key(p))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let bytes = std::fs::read(bundle).map_err(|e| {
+            UserError::environment(format!("cannot read {}: {e}", bundle.display()))
+        })?;
+        let report = check::verify_bundle(&bytes, &key, &witnesses);
+        match args.format {
+            ReportFormat::Table => {
+                check::write_report(out, &bundle.display().to_string(), &report)?
+            }
+            ReportFormat::Json => {
+                serde_json::to_writer(&mut *out, &report)?;
+                out.write_all(b"\n")?;
+            }
+        }
+        out.flush()?;
+        return Ok(if report.is_verified() {
+            Status::Ok
+        } else {
+            Status::Partial
+        });
+    }
+    let dir = args
+        .data_dir
+        .as_deref()
+        .ok_or_else(|| UserError::bad_input("give --data-dir DIR or a BUNDLE"))?;
+    let mut report = verify_dir(dir).map_err(|e| dir_error(dir, e))?;
+    check_signatures(dir, key.as_ref(), &mut report);
     match args.format {
         ReportFormat::Table => write_text(out, &report)?,
         ReportFormat::Json => {
@@ -165,6 +218,29 @@ fn write_text(out: &mut dyn Write, report: &VerifyReport) -> io::Result<()> {
             seq_name(b)
         ),
     };
+    let sig = &report.signatures;
+    let signed = sig.signed.len();
+    match &sig.key {
+        Some(_) => writeln!(
+            out,
+            "signatures: {signed} checkpoint{} verified with the key{}",
+            plural(signed),
+            cosigners(sig)
+        )?,
+        None if signed + sig.unsigned.len() == 0 => {}
+        None if signed == 0 => writeln!(
+            out,
+            "signatures: segments are unsigned (no sign_key was configured when they were sealed)"
+        )?,
+        None => writeln!(
+            out,
+            "signatures: {signed} checkpoint{} not checked (give --key PUBKEY), {} segment{} unsigned{}",
+            plural(signed),
+            sig.unsigned.len(),
+            plural(sig.unsigned.len()),
+            cosigners(sig)
+        )?,
+    }
     let failed = report.segments.iter().filter(|s| s.problems > 0).count();
     let n = report.segments.len();
     if report.is_intact() {
@@ -184,6 +260,14 @@ fn write_text(out: &mut dyn Write, report: &VerifyReport) -> io::Result<()> {
         )?;
     }
     Ok(())
+}
+
+fn cosigners(sig: &SignatureReport) -> String {
+    if sig.cosigners.is_empty() {
+        String::new()
+    } else {
+        format!("; also signed by {}", sig.cosigners.join(", "))
+    }
 }
 
 fn plural(n: usize) -> &'static str {
@@ -355,6 +439,8 @@ pub(crate) mod tests {
                     "00000002.seg  ok      rows 3  root {}  chained to 00000001",
                     short_hex(&roots[1])
                 ),
+                "signatures: segments are unsigned (no sign_key was configured when they were sealed)"
+                    .to_owned(),
                 "verify: 2 segments intact; no retention ledger".to_owned(),
             ]
         );
@@ -389,7 +475,7 @@ pub(crate) mod tests {
             )
         );
         assert_eq!(
-            lines[3],
+            lines[4],
             "verify: 1 problem in 1 of 2 segments; no retention ledger"
         );
     }

@@ -55,6 +55,10 @@ pub struct ImportArgs {
     /// The file to read, or - for standard input.
     #[arg(value_name = "FILE|-")]
     pub input: PathBuf,
+    /// Sign the checkpoints of the segments written with this private key
+    /// [default: sign_key of DIR/nattrace.toml].
+    #[arg(long, value_name = "FILE")]
+    pub sign_key: Option<PathBuf>,
 }
 
 impl ImportArgs {
@@ -387,7 +391,7 @@ fn import(
     flush_every: usize,
 ) -> anyhow::Result<Summary> {
     let mut ctx = Context {
-        sink: Sink::new(&args.data_dir, flush_every),
+        sink: Sink::new(&args.data_dir, args.sign_key.as_deref(), flush_every),
         report: Reporter {
             err,
             name: args.input_name(),
@@ -506,6 +510,8 @@ impl Reporter<'_> {
 /// The data directory being written, opened on first use.
 struct Sink<'a> {
     dir: &'a Path,
+    /// `--sign-key`.
+    sign_key: Option<&'a Path>,
     writer: Option<Writer>,
     /// Sealed segment files present right after opening (not written by this import).
     sealed_before: Option<HashSet<OsString>>,
@@ -514,9 +520,10 @@ struct Sink<'a> {
 }
 
 impl<'a> Sink<'a> {
-    fn new(dir: &'a Path, flush_every: usize) -> Self {
+    fn new(dir: &'a Path, sign_key: Option<&'a Path>, flush_every: usize) -> Self {
         Self {
             dir,
+            sign_key,
             writer: None,
             sealed_before: None,
             buffered: 0,
@@ -526,7 +533,15 @@ impl<'a> Sink<'a> {
 
     fn open(&mut self) -> anyhow::Result<()> {
         if self.writer.is_none() {
-            let w = open_writer(self.dir)?;
+            let config = crate::proportionality::load_config(self.dir)?;
+            let signer = config.signer(self.sign_key).map_err(|e| {
+                UserError::environment(format!("signing key: {}", crate::storage::error_chain(&e)))
+            })?;
+            let mut w = open_writer(self.dir)?;
+            if let Some(key) = signer {
+                w.sign_with(std::sync::Arc::new(key))
+                    .map_err(|e| write_error(self.dir, e))?;
+            }
             self.sealed_before = sealed_segments(self.dir);
             self.writer = Some(w);
         }
@@ -854,6 +869,7 @@ pub(crate) mod tests {
 
     fn args(dir: &Path, format: InputFormat) -> ImportArgs {
         ImportArgs {
+            sign_key: None,
             data_dir: dir.to_owned(),
             format,
             input: PathBuf::from("-"),

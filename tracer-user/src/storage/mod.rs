@@ -10,11 +10,14 @@
 //! DIR/segments/00000002.open  the active segment (at most one while an agent runs)
 //! ```
 
+pub mod checkpoint;
 pub mod columnar;
 pub mod filter;
 mod lock;
 pub mod merkle;
+pub mod prove;
 mod reader;
+pub mod record;
 pub mod retention;
 pub mod seal;
 pub mod segment;

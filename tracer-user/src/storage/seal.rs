@@ -8,17 +8,19 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use foldhash::HashMap;
 
+use crate::access;
 use crate::binding::Binding;
 
+use super::checkpoint::{self, Checkpoint};
 use super::columnar::{self, Row, SegmentHeader};
 use super::merkle::Hash;
 use super::segment::{self, FrameAt, HEADER_LEN, Header, Record};
 use super::{CoverageEvent, SEALED_EXT, StorageError, segment_name};
+use crate::signing::{self, SignerKey};
 
 /// Where the next sealed segment links in the chain.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -120,22 +122,18 @@ pub fn rows_of(contents: &LogContents) -> Vec<Row> {
         .collect()
 }
 
-/// `b` with its start rounded down and its end rounded up to the stored unit (1 ms).
-#[must_use]
-pub fn round_times(mut b: Binding) -> Binding {
-    b.start_ns = columnar::floor_time(b.start_ns);
-    b.end_ns = b.end_ns.map(|e| columnar::ceil_time(e).max(b.start_ns));
-    b
-}
+pub use super::columnar::round_times;
 
 /// Seals log `seq` at `log_path` into `seq`'s `.seg`, linked to `chain`; the window ends at
-/// `window_end_ns`. Returns the new root.
+/// `window_end_ns`. With `signer`, the segment's checkpoint is signed and stored beside it
+/// before the log is removed. Returns the new root.
 pub fn seal_log(
     seg_dir: &Path,
     seq: u32,
     log_path: &Path,
     chain: &Chain,
     window_end_ns: i64,
+    signer: Option<&SignerKey>,
 ) -> Result<Hash, StorageError> {
     let data = fs::read(log_path).map_err(|e| StorageError::io("read", log_path, e))?;
     let contents = read_log(&data).map_err(|source| StorageError::Corrupt {
@@ -172,24 +170,38 @@ pub fn seal_log(
         window_end_ns: hi,
     };
     let rows = rows_of(&contents);
+    let size = rows.len() as u64 + 1;
     let (bytes, root) = columnar::encode_segment(&header, rows, &contents.events);
     write_sealed(seg_dir, seq, &bytes)?;
+    if let Some(signer) = signer {
+        let body = Checkpoint::of_header(&header, size, root).body();
+        // A checkpoint that cannot be written loses no record: the next start signs it.
+        match signing::sign(&body, signer) {
+            Ok(note) => {
+                if let Err(e) = checkpoint::write_checkpoint(seg_dir, seq, &note) {
+                    log::error!("segment {seq}: cannot store its signed checkpoint: {e}");
+                }
+            }
+            Err(e) => log::error!("segment {seq}: cannot sign its checkpoint: {e}"),
+        }
+    }
     fs::remove_file(log_path).map_err(|e| StorageError::io("remove", log_path, e))?;
     sync_dir(seg_dir).map_err(|e| StorageError::io("fsync", seg_dir, e))?;
     Ok(root)
 }
 
-/// Writes a sealed segment: `.seg.tmp`, fsync, rename to `.seg`, fsync the directory.
+/// Writes a sealed segment: `.seg.tmp` (mode 0640, the data directory's group: see
+/// [`crate::access`]), fsync, rename to `.seg`, fsync the directory.
 pub fn write_sealed(seg_dir: &Path, seq: u32, bytes: &[u8]) -> Result<PathBuf, StorageError> {
     let path = seg_dir.join(segment_name(seq, SEALED_EXT));
     let tmp = seg_dir.join(format!("{}.tmp", segment_name(seq, SEALED_EXT)));
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o640)
-        .open(&tmp)
-        .map_err(|e| StorageError::io("create", &tmp, e))?;
+    let access = access::of_segments_dir(seg_dir)?;
+    let mut f = access::create_file(
+        &tmp,
+        OpenOptions::new().write(true).create(true).truncate(true),
+        &access,
+    )
+    .map_err(|e| StorageError::io("create", &tmp, e))?;
     f.write_all(bytes)
         .and_then(|()| f.sync_all())
         .map_err(|e| StorageError::io("write", &tmp, e))?;

@@ -14,15 +14,18 @@ use std::io::{self, Read};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
+use super::checkpoint::{self, Checkpoint};
 use super::columnar::{
     self, ColumnarError, ExtKey, Fence, FileReader, HEADER_LEN, ReadAt, SUMMARY_LEN, SealedSegment,
     TRAILER_LEN,
 };
 use super::filter::{self, Fuse8};
 use super::merkle::{self, Hash};
+use super::record;
 use super::retention::{self, LedgerEntry, list_segment_files, record_binding};
 use super::segment::{self, FormatError, FrameAt, Record};
 use super::{ReadProblem, SEALED_EXT, SEGMENTS_DIR, StorageError, error_chain, segment_name};
+use crate::signing::VerifierKey;
 
 /// What kind of file a segment file turned out to be.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -106,6 +109,22 @@ pub struct VerifyReport {
     pub ledger: LedgerReport,
     /// Every problem, each naming a file and the byte offset where it is.
     pub problems: Vec<ReadProblem>,
+    /// The segments' signed checkpoints ([`check_signatures`]).
+    pub signatures: SignatureReport,
+}
+
+/// What [`check_signatures`] found about the sealed segments' checkpoints.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SignatureReport {
+    /// The key checked against (verifier key text); `None`: signatures were not checked.
+    pub key: Option<String>,
+    /// Segments whose checkpoint describes them and verifies with the key (or, without a
+    /// key, that have a checkpoint at all).
+    pub signed: Vec<u32>,
+    /// Sealed segments without a checkpoint.
+    pub unsigned: Vec<u32>,
+    /// Names of other signers seen on the checkpoints (cosignatures, not verified here).
+    pub cosigners: Vec<String>,
 }
 
 impl VerifyReport {
@@ -448,7 +467,7 @@ impl FileCheck {
                             ev.crc
                         ),
                     );
-                } else if merkle::leaf_hash(&bytes) != s.events_leaf {
+                } else if !events_leaf_matches(seg.version, &bytes, &s.events_leaf) {
                     self.problem(
                         ev.offset,
                         "events section leaf hash does not match the summary's",
@@ -487,6 +506,9 @@ impl FileCheck {
         let mut ext_misses = Misses::default();
         let mut int_misses = Misses::default();
         let mut prev_hi: Option<ExtKey> = None;
+        // Version 2: every row's record leaf, for the segment root.
+        let mut record_leaves: Option<Vec<Hash>> =
+            (seg.version >= 2).then(|| Vec::with_capacity(s.rows.min(1 << 24) as usize + 1));
         for (i, fence) in fences.iter().enumerate() {
             if prev_hi.is_some_and(|p| p > fence.key_lo) {
                 self.problem(
@@ -501,11 +523,33 @@ impl FileCheck {
                     format!("block {i}: time range outside the summary's"),
                 );
             }
-            let Some(rows) = self.check_block(src, i, fence, (h.window_start_ns, h.window_end_ns))
-            else {
+            if seg.version >= 2
+                && i + 1 < fences.len()
+                && fence.rows as usize != columnar::BLOCK_ROWS
+            {
+                self.problem(
+                    fence.block.offset,
+                    format!(
+                        "block {i}: {} rows; every block but the last holds {}",
+                        fence.rows,
+                        columnar::BLOCK_ROWS
+                    ),
+                );
+            }
+            let Some(rows) = self.check_block(
+                src,
+                seg.version,
+                i,
+                fence,
+                (h.window_start_ns, h.window_end_ns),
+            ) else {
                 counts.unknown = true;
+                record_leaves = None;
                 continue;
             };
+            if let Some(leaves) = record_leaves.as_mut() {
+                leaves.extend(rows.iter().map(record::leaf));
+            }
             for (j, r) in rows.iter().enumerate() {
                 let (ip, port) = r.binding.external();
                 if let Some(f) = &ext_filter {
@@ -534,15 +578,30 @@ impl FileCheck {
                 ),
             );
         }
-        // The root over the fences' leaf hashes (each checked against its block's bytes
-        // above) and the events leaf (checked against the events bytes).
-        let mut leaves: Vec<Hash> = fences.iter().map(|f| f.leaf).collect();
-        leaves.push(s.events_leaf);
-        if merkle::root(&leaves) != s.root {
-            self.problem(
-                summary_at,
-                "Merkle root does not match the blocks' and the events' leaf hashes",
-            );
+        if seg.version >= 2 {
+            // The root over every row's record leaf (recomputed from the decoded rows) and
+            // the events leaf (checked against the events above). Unknown when a block
+            // could not be decoded; that block's problem is already reported.
+            if let Some(mut leaves) = record_leaves {
+                leaves.push(s.events_leaf);
+                if merkle::root(&leaves) != s.root {
+                    self.problem(
+                        summary_at,
+                        "Merkle root does not match the records' and the events' leaf hashes",
+                    );
+                }
+            }
+        } else {
+            // Version 1: the root over the fences' leaf hashes (each checked against its
+            // block's bytes) and the events leaf (checked against the events bytes).
+            let mut leaves: Vec<Hash> = fences.iter().map(|f| f.leaf).collect();
+            leaves.push(s.events_leaf);
+            if merkle::root(&leaves) != s.root {
+                self.problem(
+                    summary_at,
+                    "Merkle root does not match the blocks' and the events' leaf hashes",
+                );
+            }
         }
         node
     }
@@ -571,6 +630,7 @@ impl FileCheck {
     fn check_block(
         &mut self,
         src: &dyn ReadAt,
+        version: u32,
         i: usize,
         fence: &Fence,
         window: (i64, i64),
@@ -601,7 +661,7 @@ impl FileCheck {
             );
             return None;
         }
-        if merkle::leaf_hash(&bytes) != fence.leaf {
+        if version < 2 && merkle::leaf_hash(&bytes) != fence.leaf {
             self.problem(
                 at,
                 format!("block {i}: leaf hash does not match its fence's"),
@@ -615,6 +675,15 @@ impl FileCheck {
                 return None;
             }
         };
+        if version >= 2 {
+            let leaves: Vec<Hash> = rows.iter().map(record::leaf).collect();
+            if merkle::root(&leaves) != fence.leaf {
+                self.problem(
+                    at,
+                    format!("block {i}: the root over its records does not match its fence's"),
+                );
+            }
+        }
         if rows.len() != fence.rows as usize {
             self.problem(
                 at,
@@ -1210,3 +1279,92 @@ pub fn short_hex(h: &Hash) -> String {
 
 #[cfg(test)]
 mod tests;
+
+/// The events leaf of a segment of format `version` matches its stored events section.
+fn events_leaf_matches(version: u32, stored: &[u8], leaf: &Hash) -> bool {
+    if version < 2 {
+        return merkle::leaf_hash(stored) == *leaf;
+    }
+    segment::decompress(stored).is_ok_and(|raw| record::events_leaf_of_records(&raw) == *leaf)
+}
+
+/// Checks the signed checkpoint of every intact sealed columnar segment of `report` (from
+/// [`verify_dir`] on `dir`): with `key`, each must exist, describe its segment exactly
+/// (origin, size, root, previous root, window) and carry a valid signature by `key`, else a
+/// problem is added; without `key`, the checkpoints are only counted and their bodies
+/// compared. Segments of format version 1 (sealed before signing existed) are noted, not
+/// required to be signed.
+pub fn check_signatures(dir: &Path, key: Option<&VerifierKey>, report: &mut VerifyReport) {
+    let seg_dir = dir.join(SEGMENTS_DIR);
+    let mut sig = SignatureReport {
+        key: key.map(VerifierKey::to_text),
+        ..SignatureReport::default()
+    };
+    let mut problems = Vec::new();
+    for s in &report.segments {
+        if s.kind != SegmentKind::Columnar || s.problems > 0 {
+            continue;
+        }
+        let seg = match std::fs::File::open(&s.path)
+            .and_then(columnar::FileReader::new)
+            .map_err(|e| e.to_string())
+            .and_then(|r| SealedSegment::open(&r).map_err(|(_, e)| e.to_string()))
+        {
+            Ok(seg) => seg,
+            Err(e) => {
+                problems.push(ReadProblem {
+                    path: s.path.clone(),
+                    offset: 0,
+                    cause: format!("cannot reopen to check its checkpoint: {e}"),
+                });
+                continue;
+            }
+        };
+        let path = checkpoint::checkpoint_path(&seg_dir, s.seq);
+        let mut problem = |cause: String| {
+            problems.push(ReadProblem {
+                path: path.clone(),
+                offset: 0,
+                cause,
+            });
+        };
+        let note = match checkpoint::read_checkpoint(&seg_dir, s.seq) {
+            Ok(Some(n)) => n,
+            Ok(None) => {
+                sig.unsigned.push(s.seq);
+                if key.is_some() && seg.version >= 2 {
+                    problem(format!(
+                        "missing: segment {} has no signed checkpoint",
+                        seq_name(s.seq)
+                    ));
+                }
+                continue;
+            }
+            Err(e) => {
+                problem(error_chain(&e));
+                continue;
+            }
+        };
+        if note.text != Checkpoint::of_segment(&seg).body() {
+            problem(format!(
+                "does not describe segment {} (its size, root, previous root or window differ)",
+                seq_name(s.seq)
+            ));
+            continue;
+        }
+        for other in &note.signatures {
+            if key.is_none_or(|k| k.name() != other.name) && !sig.cosigners.contains(&other.name) {
+                sig.cosigners.push(other.name.clone());
+            }
+        }
+        if let Some(k) = key
+            && let Err(e) = note.verify(k)
+        {
+            problem(format!("signature by {}: {e}", k.name()));
+            continue;
+        }
+        sig.signed.push(s.seq);
+    }
+    report.problems.extend(problems);
+    report.signatures = sig;
+}

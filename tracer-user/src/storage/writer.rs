@@ -2,16 +2,18 @@
 //! and seals segments, and recovers the segment a crashed agent left unsealed.
 
 use std::fmt;
-use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use crate::access::{self, Access};
 use crate::binding::Binding;
 
 use foldhash::HashMap;
 
+use super::checkpoint;
 use super::columnar::{self, FileReader, SealedSegment};
 use super::lock::{self, DirLock};
 use super::merkle::Hash;
@@ -21,6 +23,7 @@ use super::{
     CoverageEvent, OPEN_EXT, SEALED_EXT, SEGMENTS_DIR, StorageError, parse_segment_name,
     segment_name,
 };
+use crate::signing::SignerKey;
 
 /// Tunables of a [`Writer`]; [`Default`] gives the documented values.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,13 +80,14 @@ impl SegmentFile for RealFile {
     }
 }
 
-fn real_opener() -> Opener {
-    Box::new(|path: &Path| {
-        let f = OpenOptions::new()
-            .append(true)
-            .create_new(true)
-            .mode(0o640)
-            .open(path)?;
+/// Creates segment files with mode 0640 and the group of `access`.
+fn real_opener(access: Access) -> Opener {
+    Box::new(move |path: &Path| {
+        let f = access::create_file(
+            path,
+            OpenOptions::new().append(true).create_new(true),
+            &access,
+        )?;
         Ok(Box::new(RealFile(f)) as Box<dyn SegmentFile>)
     })
 }
@@ -152,6 +156,8 @@ pub struct Writer {
     sealing: Option<Sealing>,
     /// Bindings the previous run left open, carried into this run's first log.
     inherited: Vec<Binding>,
+    /// Signs each sealed segment's checkpoint ([`Writer::sign_with`]).
+    signer: Option<Arc<SignerKey>>,
     _lock: DirLock,
 }
 
@@ -167,6 +173,38 @@ impl fmt::Debug for Writer {
 }
 
 impl Writer {
+    /// Signs the checkpoint of every segment sealed from now on with `signer`, and at once
+    /// those of the sealed segments (format version 2) that have none: sealed before a key
+    /// was configured, or by a run that stopped between sealing and signing. Returns how
+    /// many were signed now.
+    pub fn sign_with(&mut self, signer: Arc<SignerKey>) -> Result<usize, StorageError> {
+        self.finish_sealing()?;
+        let mut signed = 0;
+        for seq in sealed_seqs(&self.seg_dir)? {
+            if checkpoint::checkpoint_path(&self.seg_dir, seq).exists() {
+                continue;
+            }
+            let path = self.seg_dir.join(segment_name(seq, SEALED_EXT));
+            let Ok(reader) = File::open(&path).and_then(FileReader::new) else {
+                continue;
+            };
+            // Damaged or first-format segments are left to `nattrace verify`.
+            let Ok(seg) = SealedSegment::open(&reader) else {
+                continue;
+            };
+            if seg.version < 2 {
+                continue;
+            }
+            let body = checkpoint::Checkpoint::of_segment(&seg).body();
+            let note = crate::signing::sign(&body, &signer)
+                .map_err(|e| StorageError::io("sign", &path, io::Error::other(e)))?;
+            checkpoint::write_checkpoint(&self.seg_dir, seq, &note)?;
+            signed += 1;
+        }
+        self.signer = Some(signer);
+        Ok(signed)
+    }
+
     /// Creates DIR if missing (0750), takes an exclusive flock on DIR/LOCK (error
     /// [`StorageError::Locked`] naming the holder's pid written in the file), seals any log a
     /// crashed agent left (a torn tail frame is dropped), and starts a new log that carries
@@ -177,7 +215,8 @@ impl Writer {
 
     /// [`Writer::open`] with other segment size, age and fsync limits.
     pub fn open_with_options(dir: &Path, options: WriterOptions) -> Result<Self, StorageError> {
-        Self::open_with(dir, options, real_opener())
+        let access = access::of_data_dir(dir)?;
+        Self::open_with(dir, options, real_opener(access))
     }
 
     /// [`Writer::open_with_options`] creating segment files through `opener`.
@@ -186,17 +225,18 @@ impl Writer {
         options: WriterOptions,
         opener: Opener,
     ) -> Result<Self, StorageError> {
-        let mut builder = DirBuilder::new();
-        builder.recursive(true).mode(0o750);
-        builder
-            .create(dir)
+        // Modes and group of everything created: `crate::access`, from DIR/nattrace.toml.
+        let access = access::of_data_dir(dir)?;
+        access::create_dir_all(dir, &access)
             .map_err(|e| StorageError::io("create directory", dir, e))?;
-        let lock = lock::lock_exclusive(dir)?;
+        let lock = lock::lock_exclusive(dir, &access)?;
+        // What was written before a `group` was configured gets it now.
+        access::adopt(dir, &access)
+            .map_err(|(p, e)| StorageError::io("set the group of", &p, e))?;
         let seg_dir = dir.join(SEGMENTS_DIR);
-        builder
-            .create(&seg_dir)
+        access::create_dir(&seg_dir, &access)
             .map_err(|e| StorageError::io("create directory", &seg_dir, e))?;
-        let writer_id = writer_id(dir)?;
+        let writer_id = writer_id(dir, &access)?;
 
         let mut max_seq = 0;
         let mut logs = Vec::new();
@@ -262,6 +302,7 @@ impl Writer {
             chain,
             sealing: None,
             inherited,
+            signer: None,
             _lock: lock,
         };
         w.start_segment()?;
@@ -534,11 +575,14 @@ impl Writer {
         let window_end_ns = now_ns();
         self.finish_sealing()?;
         let (seg_dir, chain, seq, path) = (self.seg_dir.clone(), self.chain, a.seq, a.path);
+        let signer = self.signer.clone();
         if background {
             let p = path.clone();
             let handle = std::thread::Builder::new()
                 .name("nattrace-seal".into())
-                .spawn(move || seal_log(&seg_dir, seq, &p, &chain, window_end_ns))
+                .spawn(move || {
+                    seal_log(&seg_dir, seq, &p, &chain, window_end_ns, signer.as_deref())
+                })
                 .map_err(|e| StorageError::io("start sealing", &path, e))?;
             self.sealing = Some(Sealing {
                 seq,
@@ -547,7 +591,14 @@ impl Writer {
                 handle,
             });
         } else {
-            let root = seal_log(&seg_dir, seq, &path, &chain, window_end_ns)?;
+            let root = seal_log(
+                &seg_dir,
+                seq,
+                &path,
+                &chain,
+                window_end_ns,
+                signer.as_deref(),
+            )?;
             self.chain.prev_seq = seq;
             self.chain.prev_root = root;
         }
@@ -570,7 +621,14 @@ impl Writer {
             Ok(root) => root,
             Err(e) => {
                 log::warn!("{}: sealing failed ({e}); retrying", s.path.display());
-                seal_log(&self.seg_dir, s.seq, &s.path, &self.chain, s.window_end_ns)?
+                seal_log(
+                    &self.seg_dir,
+                    s.seq,
+                    &s.path,
+                    &self.chain,
+                    s.window_end_ns,
+                    self.signer.as_deref(),
+                )?
             }
         };
         self.chain.prev_seq = s.seq;
@@ -605,7 +663,7 @@ pub(crate) fn now_ns() -> i64 {
 pub const WRITER_ID_FILE: &str = "WRITER_ID";
 
 /// The data directory's writer id (32 hex digits in `DIR/WRITER_ID`), created on first use.
-fn writer_id(dir: &Path) -> Result<[u8; 16], StorageError> {
+fn writer_id(dir: &Path, access: &Access) -> Result<[u8; 16], StorageError> {
     let path = dir.join(WRITER_ID_FILE);
     if let Ok(text) = fs::read_to_string(&path)
         && let Some(id) = parse_hex16(text.trim())
@@ -617,13 +675,12 @@ fn writer_id(dir: &Path) -> Result<[u8; 16], StorageError> {
         .and_then(|mut f| io::Read::read_exact(&mut f, &mut id))
         .map_err(|e| StorageError::io("read", Path::new("/dev/urandom"), e))?;
     let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o640)
-        .open(&path)
-        .map_err(|e| StorageError::io("create", &path, e))?;
+    let mut f = access::create_file(
+        &path,
+        OpenOptions::new().write(true).create(true).truncate(true),
+        access,
+    )
+    .map_err(|e| StorageError::io("create", &path, e))?;
     f.write_all(format!("{hex}\n").as_bytes())
         .and_then(|()| f.sync_all())
         .map_err(|e| StorageError::io("write", &path, e))?;
@@ -747,12 +804,26 @@ fn recover(
     }
     // The window ends now: open bindings answer for the time the agent was down, as
     // upper bounds, until the next run carries them on and ends or adopts them.
-    let root = seal_log(seg_dir, seq, path, chain, now_ns())?;
+    // Not signed here: [`Writer::sign_with`] signs every unsigned segment at start.
+    let root = seal_log(seg_dir, seq, path, chain, now_ns(), None)?;
     log::info!(
         "{}: sealed the log a previous run left",
         sealed_path.display()
     );
     Ok(Some(root))
+}
+
+/// Sequence numbers of the sealed segments in `seg_dir`, ascending.
+fn sealed_seqs(seg_dir: &Path) -> Result<Vec<u32>, StorageError> {
+    let mut seqs = Vec::new();
+    for entry in fs::read_dir(seg_dir).map_err(|e| StorageError::io("list", seg_dir, e))? {
+        let entry = entry.map_err(|e| StorageError::io("list", seg_dir, e))?;
+        if let Some((seq, true)) = entry.file_name().to_str().and_then(parse_segment_name) {
+            seqs.push(seq);
+        }
+    }
+    seqs.sort_unstable();
+    Ok(seqs)
 }
 
 #[cfg(test)]
@@ -908,14 +979,92 @@ mod tests {
         Writer::open(dir.path()).unwrap().close().unwrap();
     }
 
+    /// Every directory and file in `data` (recursively) with its mode and group.
+    fn modes(data: &Path) -> Vec<(PathBuf, u32, u32)> {
+        use std::os::unix::fs::MetadataExt;
+        let mut out = Vec::new();
+        let mut todo = vec![data.to_owned()];
+        while let Some(p) = todo.pop() {
+            let m = fs::symlink_metadata(&p).unwrap();
+            if m.is_dir() {
+                todo.extend(fs::read_dir(&p).unwrap().map(|e| e.unwrap().path()));
+            }
+            out.push((p, m.mode() & 0o7777, m.gid()));
+        }
+        out.sort();
+        out
+    }
+
     #[test]
-    fn creates_missing_dir_with_mode_0750() {
-        use std::os::unix::fs::PermissionsExt;
+    fn creates_dirs_0750_and_files_0640() {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("a/b");
-        Writer::open(&data).unwrap().close().unwrap();
-        let mode = fs::metadata(&data).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode & !0o750, 0, "mode {mode:o}");
+        let mut w = Writer::open(&data).unwrap();
+        let id = w.next_binding_id();
+        w.append_binding(&binding(id, 1, 1, None));
+        w.flush().unwrap();
+        let open = modes(&data);
+        w.close().unwrap();
+        let closed = modes(&data);
+        // DIR, LOCK, WRITER_ID, segments, then the .open log or the .seg.
+        assert_eq!((open.len(), closed.len()), (5, 5), "{open:?} {closed:?}");
+        for (p, mode, _) in open.into_iter().chain(closed) {
+            let want = if p.is_dir() { 0o750 } else { 0o640 };
+            assert_eq!(mode, want, "{} mode {mode:o}", p.display());
+        }
+        let parent = fs::metadata(dir.path().join("a")).unwrap();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&parent.permissions()) & 0o7777,
+            0o750
+        );
+    }
+
+    #[test]
+    fn configured_group_owns_everything_written() {
+        use std::os::unix::fs::PermissionsExt;
+        // SAFETY: geteuid(2) cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: not root, cannot give files to another group");
+            return;
+        }
+        let Some((name, gid)) = ["daemon", "adm", "nogroup"]
+            .into_iter()
+            .find_map(|n| Some((n, crate::config::group_id(n).ok()??)))
+        else {
+            eprintln!("skipped: none of daemon, adm, nogroup in the group database");
+            return;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path();
+        // A directory written before the group was configured...
+        Writer::open(data).unwrap().close().unwrap();
+        fs::set_permissions(data, fs::Permissions::from_mode(0o700)).unwrap();
+        fs::write(
+            data.join(crate::config::CONFIG_FILE),
+            format!("group = \"{name}\"\n"),
+        )
+        .unwrap();
+        // ...is brought to it by the next writer, and so is what that one writes. (Through
+        // another name: this process remembers the access of `data` it first found.)
+        let again = dir.path().with_extension("again");
+        std::os::unix::fs::symlink(data, &again).unwrap();
+        let mut w = Writer::open(&again).unwrap();
+        let id = w.next_binding_id();
+        w.append_binding(&binding(id, 1, 1, None));
+        w.flush().unwrap();
+        let mut all = modes(data);
+        w.close().unwrap();
+        all.extend(modes(data));
+        fs::remove_file(&again).unwrap();
+        // DIR, LOCK, WRITER_ID, nattrace.toml, segments, 1.seg, then 2.open or 2.seg.
+        assert_eq!(all.len(), 14, "{all:?}");
+        for (p, mode, g) in all {
+            if p.ends_with(crate::config::CONFIG_FILE) {
+                continue;
+            }
+            let want = if p.is_dir() { 0o750 } else { 0o640 };
+            assert_eq!((mode, g), (want, gid), "{} mode {mode:o}", p.display());
+        }
     }
 
     #[test]
@@ -1001,7 +1150,7 @@ mod tests {
     /// An opener whose files fail as `mode` says.
     fn faulty(mode: &Arc<AtomicU8>) -> Opener {
         let mode = Arc::clone(mode);
-        let mut real = real_opener();
+        let mut real = real_opener(Access::default());
         Box::new(move |path: &Path| {
             let inner = real(path)?;
             Ok(Box::new(FaultyFile {
