@@ -216,6 +216,11 @@ fn point_query_bundle_verifies_offline_and_holds_only_the_answer() {
     assert_eq!(records as u64, e.manifest.records);
     assert!(records >= 1);
     let bytes_in_bundle = bundle.len();
+    println!(
+        "bundle for one point query: {bytes_in_bundle} bytes ({} records, {} segments)",
+        e.manifest.records,
+        e.manifest.segments.len()
+    );
     assert!(
         bytes_in_bundle < 64 * 1024,
         "a point query's bundle is small: {bytes_in_bundle}"
@@ -486,4 +491,27 @@ fn data_dir_verify_checks_every_checkpoint_against_the_key() {
     let (status, out) = verify_dir_with_key(&lab.dir, &other_pub);
     assert_eq!(status, Status::Partial, "{out}");
     assert!(out.contains("signature by cgnat-test-1"), "{out}");
+}
+
+#[test]
+fn a_lost_checkpoint_after_a_signed_one_is_not_signed_again() {
+    let lab = lab(12, 4);
+    let seg_dir = lab.dir.join("segments");
+    let mut cps: Vec<PathBuf> = fs::read_dir(&seg_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "checkpoint"))
+        .collect();
+    cps.sort();
+    let (first, last) = (cps[0].clone(), cps[cps.len() - 1].clone());
+    fs::remove_file(&first).unwrap();
+    fs::remove_file(&last).unwrap();
+    // The next start signs what precedes every signed checkpoint (the chain pins it), not
+    // the newest segment, whose content nothing else pins.
+    let key = SignerKey::load(&lab.key_file).unwrap();
+    let mut w = Writer::open(&lab.dir).unwrap();
+    assert_eq!(w.sign_with(Arc::new(key)).unwrap(), 1);
+    w.close().unwrap();
+    assert!(first.exists());
+    assert!(!last.exists());
 }

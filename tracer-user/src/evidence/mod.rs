@@ -339,8 +339,8 @@ changed, that records.csv and records.jsonl say exactly what the signed records 
 every record matches the question. It prints a report and exits 0 only if all of it holds.
 
 The formats are described in FORMAT.md of nattrace (\"Canonical record encoding\",
-\"Merkle trees\", \"Checkpoints\", \"Evidence bundle\"), precisely enough to check this bundle
-with other tools.
+\"Merkle trees\", \"Checkpoints and signatures\", \"Evidence bundle\"), precisely enough to
+check this bundle with other tools.
 ",
         case = m.case,
         query = m.query,

@@ -15,7 +15,7 @@
 
 use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
@@ -31,9 +31,6 @@ pub const CHECKPOINT_EXT: &str = "checkpoint";
 
 /// Prefix of a checkpoint's origin line, before the writer id.
 const ORIGIN_PREFIX: &str = "nattrace/";
-
-/// Mode of a checkpoint file.
-const CHECKPOINT_MODE: u32 = 0o640;
 
 /// What a checkpoint states about one sealed segment.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -247,17 +244,18 @@ pub fn checkpoint_path(seg_dir: &Path, seq: u32) -> PathBuf {
 pub fn write_checkpoint(seg_dir: &Path, seq: u32, note: &Note) -> Result<PathBuf, StorageError> {
     let path = checkpoint_path(seg_dir, seq);
     let tmp = seg_dir.join(format!("{}.tmp", segment_name(seq, CHECKPOINT_EXT)));
+    // Mode exactly 0640 and the data directory's group (`crate::access`). The cosigner may
+    // run as another user: its group cannot then be set, the file keeps the old one.
     let old_gid = fs::metadata(&path).ok().map(|m| m.gid());
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(CHECKPOINT_MODE)
-        .open(&tmp)
+    let _ = fs::remove_file(&tmp);
+    let access = crate::access::of_segments_dir(seg_dir)?;
+    let mut options = OpenOptions::new();
+    options.write(true).create_new(true);
+    let mut f = crate::access::create_file(&tmp, &options, &access)
         .map_err(|e| StorageError::io("create", &tmp, e))?;
-    f.set_permissions(fs::Permissions::from_mode(CHECKPOINT_MODE))
-        .map_err(|e| StorageError::io("chmod", &tmp, e))?;
-    if let Some(gid) = old_gid {
+    if access.gid.is_none()
+        && let Some(gid) = old_gid
+    {
         // Best effort: only the owner in that group, or root, may give the file its group.
         let _ = std::os::unix::fs::fchown(&f, None, Some(gid));
     }
@@ -322,6 +320,7 @@ fn parse_checkpoint_name(name: &str) -> Option<u32> {
 mod tests {
     use super::*;
     use crate::signing::{SignerKey, sign};
+    use std::os::unix::fs::PermissionsExt;
 
     fn sample() -> Checkpoint {
         Checkpoint {

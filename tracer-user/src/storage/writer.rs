@@ -174,14 +174,33 @@ impl fmt::Debug for Writer {
 
 impl Writer {
     /// Signs the checkpoint of every segment sealed from now on with `signer`, and at once
-    /// those of the sealed segments (format version 2) that have none: sealed before a key
-    /// was configured, or by a run that stopped between sealing and signing. Returns how
-    /// many were signed now.
+    /// those of the sealed segments (format version 2) sealed before any was signed (a key
+    /// configured for the first time). Returns how many were signed now.
+    ///
+    /// A segment without a checkpoint sealed after a signed one is not signed here: its
+    /// checkpoint was lost or removed, and signing its present content would vouch for
+    /// whatever it now holds. (Segments before a signed one need no such care: the signed
+    /// checkpoint after them pins their root through the chain.) `nattrace verify --key`
+    /// reports it.
     pub fn sign_with(&mut self, signer: Arc<SignerKey>) -> Result<usize, StorageError> {
         self.finish_sealing()?;
+        let seqs = sealed_seqs(&self.seg_dir)?;
+        let last_signed = seqs
+            .iter()
+            .rev()
+            .find(|&&seq| checkpoint::checkpoint_path(&self.seg_dir, seq).exists())
+            .copied();
         let mut signed = 0;
-        for seq in sealed_seqs(&self.seg_dir)? {
+        for seq in seqs {
             if checkpoint::checkpoint_path(&self.seg_dir, seq).exists() {
+                continue;
+            }
+            if last_signed.is_some_and(|last| seq > last) {
+                log::error!(
+                    "segment {seq} has no signed checkpoint although segment {} before it has: \
+                     not signing it now (run nattrace verify --data-dir DIR --key PUBKEY)",
+                    last_signed.unwrap_or_default()
+                );
                 continue;
             }
             let path = self.seg_dir.join(segment_name(seq, SEALED_EXT));
