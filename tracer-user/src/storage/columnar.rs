@@ -636,7 +636,23 @@ pub fn encode_segment(
         fence.encode(&mut fb);
     }
     let fences_section = append_section(&mut out, &fb);
-    let root = merkle::root(&leaves);
+    // The segment root, reusing each full block's root: a block of BLOCK_ROWS rows (a power
+    // of two) starting at a multiple of BLOCK_ROWS is a subtree of the segment's tree.
+    let root = merkle::subtree_root::<()>(
+        0,
+        leaves.len() as u64,
+        &mut |lo, hi| {
+            let block = lo as usize / BLOCK_ROWS;
+            (hi - lo == BLOCK_ROWS as u64
+                && lo as usize % BLOCK_ROWS == 0
+                && fences
+                    .get(block)
+                    .is_some_and(|f| f.rows as usize == BLOCK_ROWS))
+            .then(|| fences[block].leaf)
+        },
+        &mut |i| Ok(leaves[i as usize]),
+    )
+    .expect("infallible");
     let summary = Summary {
         rows: rows.len() as u64,
         carried_rows: rows.iter().filter(|r| r.carried).count() as u64,
