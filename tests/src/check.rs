@@ -216,3 +216,83 @@ impl Tally {
         }
     }
 }
+
+/// `nattrace keygen`, `export` of `f` for `case` at the moment its server saw it, `verify
+/// BUNDLE --key` on a copy in another directory (returns its report); the bundle's CSV must hold `f`'s internal address and
+/// port as the client socket reported them (the truth), and nothing else.
+pub fn export_and_verify(
+    bin: &std::path::Path,
+    data_dir: &std::path::Path,
+    f: &FlowTruth,
+    case: &str,
+) -> anyhow::Result<String> {
+    use std::process::Command;
+    let work = tempfile::tempdir()?;
+    let keys = work.path().join("keys");
+    let run = |args: &[&std::ffi::OsStr]| -> anyhow::Result<String> {
+        let out = Command::new(bin).args(args).output()?;
+        if !out.status.success() {
+            anyhow::bail!(
+                "nattrace {:?} exited {:?}: {}{}",
+                args,
+                out.status.code(),
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let os = |s: &str| std::ffi::OsString::from(s);
+    run(&[
+        os("keygen").as_os_str(),
+        os("--out").as_os_str(),
+        keys.as_os_str(),
+        os("--name").as_os_str(),
+        os("nattrace-lab").as_os_str(),
+    ])?;
+    let bundle = work.path().join("case.nattrace");
+    let external = crate::util::endpoint_arg(f.external);
+    let at = TimeArg::Rfc3339.format(f.seen_at);
+    run(&[
+        os("export").as_os_str(),
+        os("--data-dir").as_os_str(),
+        data_dir.as_os_str(),
+        os("--case").as_os_str(),
+        os(case).as_os_str(),
+        os("--out").as_os_str(),
+        bundle.as_os_str(),
+        os("--sign-key").as_os_str(),
+        keys.join("nattrace.key").as_os_str(),
+        os("--external").as_os_str(),
+        os(&external).as_os_str(),
+        os("--at").as_os_str(),
+        os(&at).as_os_str(),
+        os("--proto").as_os_str(),
+        os(f.proto_name()).as_os_str(),
+    ])?;
+    let elsewhere = tempfile::tempdir()?;
+    let copy = elsewhere.path().join("received.nattrace");
+    std::fs::copy(&bundle, &copy)?;
+    let report = run(&[
+        os("verify").as_os_str(),
+        copy.as_os_str(),
+        os("--key").as_os_str(),
+        keys.join("nattrace.pub").as_os_str(),
+    ])?;
+    if !report.contains("result:      VERIFIED")
+        || !report.contains(&format!("case:        {case}"))
+    {
+        anyhow::bail!("verify report: {report}");
+    }
+    let tar = Command::new("tar")
+        .arg("-xOf")
+        .arg(&copy)
+        .arg("records.csv")
+        .output()?;
+    let csv = String::from_utf8_lossy(&tar.stdout).into_owned();
+    let want = format!("{},{}", f.internal.ip(), f.internal.port());
+    if !csv.lines().skip(1).any(|l| l.contains(&want)) {
+        anyhow::bail!("records.csv should hold the binding of {want}:\n{csv}");
+    }
+    Ok(report)
+}

@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::{Context, Result, bail};
 
 use crate::agent::{Agent, Cli, require_bin};
-use crate::check::{TimeArg, who_held};
+use crate::check::{TimeArg, export_and_verify, who_held};
 use crate::conntrack_truth::evict_expired;
 use crate::lab::{Lab, LabConfig, Ns, expiry_wait};
 use crate::traffic::{FlowKind, FlowTruth, L4, Servers, TrafficPlan, generate};
@@ -212,9 +212,37 @@ pub fn run(nattrace_bin: &Path) -> Result<()> {
     let stats = cli.stats()?;
     print!("{}", indent(&serde_json::to_string_pretty(&stats)?));
 
-    heading(9, "Stopping the agent and tearing the lab down");
+    heading(9, "Stopping the agent: it seals its log");
     agent.stop()?;
     println!("agent stopped (SIGTERM, exit 0)");
+
+    heading(
+        10,
+        "Evidence for a case: export one answer, verify it offline",
+    );
+    let f = &picks[0];
+    println!(
+        "$ nattrace keygen --out KEYS; nattrace export --data-dir {} --case DEMO-1 --external {} --at {} --proto {} --sign-key KEYS/nattrace.key --out case.nattrace\n\
+         $ nattrace verify RECEIVED-COPY --key KEYS/nattrace.pub",
+        cli.data_dir.display(),
+        f.external,
+        rfc3339(f.seen_at),
+        f.proto_name()
+    );
+    match export_and_verify(&cli.bin, &cli.data_dir, f, "DEMO-1") {
+        Ok(report) => {
+            print!("{}", indent(&report));
+            println!(
+                "    ✓ verified from the bundle and the public key alone; it names the subscriber the lab's socket had"
+            );
+        }
+        Err(e) => {
+            wrong += 1;
+            println!("    ✗ {e:#}");
+        }
+    }
+
+    heading(11, "Tearing the lab down");
     drop(servers);
     let prefix = lab.prefix.clone();
     drop(lab);

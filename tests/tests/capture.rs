@@ -9,7 +9,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::anyhow;
 use nattrace_e2e::agent::{Agent, Losses};
-use nattrace_e2e::check::{Tally, TimeArg, end_matches, start_matches, who_held};
+use nattrace_e2e::check::{
+    Tally, TimeArg, end_matches, export_and_verify, start_matches, who_held,
+};
 use nattrace_e2e::conntrack_truth::{ConntrackListener, delete_chunked, evict_expired, flow_key};
 use nattrace_e2e::lab::{Lab, LabConfig, expiry_wait};
 use nattrace_e2e::traffic::{FlowKind, FlowTruth, Servers, TrafficPlan, generate};
@@ -246,7 +248,8 @@ fn every_binding_is_captured() {
         "export: one flow's bundle verifies and names its subscriber",
         {
             let f = &flows[0];
-            export_and_verify(&cli.bin, &cli.data_dir, f)
+            export_and_verify(&cli.bin, &cli.data_dir, f, "E2E-1")
+                .map(|report| println!("{report}"))
         },
     );
     tally.finish("every_binding_is_captured");
@@ -257,82 +260,4 @@ fn every_binding_is_captured() {
         tally.count("start within 1 s of NEW"),
         tally.count("end within 1 s of DESTROY")
     );
-}
-
-/// `nattrace keygen`, `export` of `f` at the moment its server saw it, `verify BUNDLE --key`
-/// on a copy in another directory; the bundle's CSV must hold `f`'s internal address and
-/// port as the client socket reported them (the truth), and nothing else.
-fn export_and_verify(
-    bin: &std::path::Path,
-    data_dir: &std::path::Path,
-    f: &FlowTruth,
-) -> anyhow::Result<()> {
-    use std::process::Command;
-    let work = tempfile::tempdir()?;
-    let keys = work.path().join("keys");
-    let run = |args: &[&std::ffi::OsStr]| -> anyhow::Result<String> {
-        let out = Command::new(bin).args(args).output()?;
-        if !out.status.success() {
-            anyhow::bail!(
-                "nattrace {:?} exited {:?}: {}{}",
-                args,
-                out.status.code(),
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    };
-    let os = |s: &str| std::ffi::OsString::from(s);
-    run(&[
-        os("keygen").as_os_str(),
-        os("--out").as_os_str(),
-        keys.as_os_str(),
-        os("--name").as_os_str(),
-        os("e2e-host").as_os_str(),
-    ])?;
-    let bundle = work.path().join("case.nattrace");
-    let external = nattrace_e2e::util::endpoint_arg(f.external);
-    let at = TimeArg::Rfc3339.format(f.seen_at);
-    run(&[
-        os("export").as_os_str(),
-        os("--data-dir").as_os_str(),
-        data_dir.as_os_str(),
-        os("--case").as_os_str(),
-        os("E2E-1").as_os_str(),
-        os("--out").as_os_str(),
-        bundle.as_os_str(),
-        os("--sign-key").as_os_str(),
-        keys.join("nattrace.key").as_os_str(),
-        os("--external").as_os_str(),
-        os(&external).as_os_str(),
-        os("--at").as_os_str(),
-        os(&at).as_os_str(),
-        os("--proto").as_os_str(),
-        os(f.proto_name()).as_os_str(),
-    ])?;
-    let elsewhere = tempfile::tempdir()?;
-    let copy = elsewhere.path().join("received.nattrace");
-    std::fs::copy(&bundle, &copy)?;
-    let report = run(&[
-        os("verify").as_os_str(),
-        copy.as_os_str(),
-        os("--key").as_os_str(),
-        keys.join("nattrace.pub").as_os_str(),
-    ])?;
-    println!("{report}");
-    if !report.contains("result:      VERIFIED") || !report.contains("case:        E2E-1") {
-        anyhow::bail!("verify report: {report}");
-    }
-    let tar = Command::new("tar")
-        .arg("-xOf")
-        .arg(&copy)
-        .arg("records.csv")
-        .output()?;
-    let csv = String::from_utf8_lossy(&tar.stdout).into_owned();
-    let want = format!("{},{}", f.internal.ip(), f.internal.port());
-    if !csv.lines().skip(1).any(|l| l.contains(&want)) {
-        anyhow::bail!("records.csv should hold the binding of {want}:\n{csv}");
-    }
-    Ok(())
 }

@@ -114,6 +114,17 @@ pub fn parse_duration(s: &str) -> Result<i64, ParseError> {
     })
 }
 
+/// An address with an optional port as [`parse_endpoint`] reads it back:
+/// `203.0.113.7:40123`, `203.0.113.7`, `[2001:db8::1]:40123`.
+#[must_use]
+pub fn format_endpoint((ip, port): (IpAddr, Option<u16>)) -> String {
+    match (ip, port) {
+        (ip, None) => ip.to_string(),
+        (IpAddr::V4(ip), Some(p)) => format!("{ip}:{p}"),
+        (IpAddr::V6(ip), Some(p)) => format!("[{ip}]:{p}"),
+    }
+}
+
 /// Parses `IP`, `IP:PORT`, `[IPv6]` or `[IPv6]:PORT` (a bare IPv6 address has no port).
 /// With `port_required`, a value without port is an error.
 pub fn parse_endpoint(s: &str, port_required: bool) -> Result<(IpAddr, Option<u16>), ParseError> {

@@ -182,11 +182,7 @@ impl Query {
 /// fraction digits; `--at` and `--slack` given as the window they make).
 #[must_use]
 pub fn describe_search(search: &Search) -> String {
-    let endpoint = |(ip, port): (IpAddr, Option<u16>)| match (ip, port) {
-        (ip, None) => ip.to_string(),
-        (IpAddr::V4(ip), Some(p)) => format!("{ip}:{p}"),
-        (IpAddr::V6(ip), Some(p)) => format!("[{ip}]:{p}"),
-    };
+    let endpoint = cliparse::format_endpoint;
     let mut parts = Vec::new();
     for (name, value) in [
         ("--external", search.external),

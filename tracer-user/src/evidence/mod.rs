@@ -113,9 +113,9 @@ impl SearchSpec {
     #[must_use]
     pub fn of(s: &Search) -> Self {
         Self {
-            external: s.external.map(endpoint_text),
-            internal: s.internal.map(endpoint_text),
-            destination: s.destination.map(endpoint_text),
+            external: s.external.map(crate::cliparse::format_endpoint),
+            internal: s.internal.map(crate::cliparse::format_endpoint),
+            destination: s.destination.map(crate::cliparse::format_endpoint),
             proto: s.proto,
             from_ns: s.from_ns,
             to_ns: s.to_ns,
@@ -139,14 +139,6 @@ impl SearchSpec {
             from_ns: self.from_ns,
             to_ns: self.to_ns,
         })
-    }
-}
-
-fn endpoint_text((ip, port): (IpAddr, Option<u16>)) -> String {
-    match (ip, port) {
-        (ip, None) => ip.to_string(),
-        (IpAddr::V4(v4), Some(p)) => format!("{v4}:{p}"),
-        (IpAddr::V6(v6), Some(p)) => format!("[{v6}]:{p}"),
     }
 }
 
