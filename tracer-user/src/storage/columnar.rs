@@ -644,7 +644,7 @@ pub fn encode_segment(
         &mut |lo, hi| {
             let block = lo as usize / BLOCK_ROWS;
             (hi - lo == BLOCK_ROWS as u64
-                && lo as usize % BLOCK_ROWS == 0
+                && (lo as usize).is_multiple_of(BLOCK_ROWS)
                 && fences
                     .get(block)
                     .is_some_and(|f| f.rows as usize == BLOCK_ROWS))
