@@ -1,6 +1,7 @@
 //! The `cosign` subcommand: adds a second party's signature to every checkpoint of a data
 //! directory, so that altering a segment would need that party's key too.
 
+use std::fs::File;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
@@ -9,7 +10,8 @@ use crate::signing::{SignerKey, SigningError};
 use crate::storage::checkpoint::{
     Checkpoint, checkpoint_path, list_checkpoints, read_checkpoint, write_checkpoint,
 };
-use crate::storage::{SEGMENTS_DIR, StorageError, error_chain};
+use crate::storage::columnar::{FileReader, SealedSegment};
+use crate::storage::{SEALED_EXT, SEGMENTS_DIR, StorageError, error_chain, segment_name};
 
 /// `nattrace cosign`: signs every checkpoint that has no signature by the key yet.
 #[derive(Clone, Debug, clap::Args)]
@@ -57,12 +59,13 @@ pub fn execute(args: &CosignArgs, out: &mut dyn Write) -> anyhow::Result<Status>
     }
     let seg_dir = dir.join(SEGMENTS_DIR);
     let seqs = list_checkpoints(&seg_dir).map_err(|e| crate::verify::dir_error(dir, e))?;
-    let (mut cosigned, mut already, mut failed) = (0usize, 0usize, 0usize);
+    let (mut cosigned, mut already, mut failed, mut no_segment) = (0usize, 0usize, 0usize, 0usize);
     for seq in seqs {
         match cosign_one(&seg_dir, seq, &key) {
             Ok(Outcome::Cosigned) => cosigned += 1,
             Ok(Outcome::AlreadySigned) => already += 1,
             Ok(Outcome::Gone) => {}
+            Ok(Outcome::NoSegment) => no_segment += 1,
             Err(Problem::Storage(StorageError::PermissionDenied { path })) => {
                 return Err(UserError::environment(format!(
                     "cannot rewrite {}: permission denied; run as the owner of the data dir or as root",
@@ -89,6 +92,9 @@ pub fn execute(args: &CosignArgs, out: &mut dyn Write) -> anyhow::Result<Status>
     if failed > 0 {
         write!(out, "; {failed} could not be cosigned")?;
     }
+    if no_segment > 0 {
+        write!(out, "; {no_segment} of deleted segments left as they are")?;
+    }
     writeln!(out)?;
     out.flush()?;
     Ok(if failed == 0 {
@@ -108,6 +114,8 @@ enum Outcome {
     AlreadySigned,
     /// Removed since it was listed (by retention).
     Gone,
+    /// Its segment was deleted (by retention): nothing to check it against, left unsigned.
+    NoSegment,
 }
 
 /// Why one checkpoint was not cosigned.
@@ -129,6 +137,27 @@ fn cosign_one(seg_dir: &Path, seq: u32, key: &SignerKey) -> Result<Outcome, Prob
         return Err(Problem::Other(format!(
             "the checkpoint is for segment {}, not {seq}",
             body.seq
+        )));
+    }
+    // A witness signs only what it checked: the checkpoint must describe the segment on disk.
+    let seg_path = seg_dir.join(segment_name(seq, SEALED_EXT));
+    let reader = match File::open(&seg_path) {
+        Ok(f) => FileReader::new(f)
+            .map_err(|e| Problem::Storage(StorageError::io("read", &seg_path, e)))?,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Outcome::NoSegment),
+        Err(e) => return Err(Problem::Storage(StorageError::io("open", &seg_path, e))),
+    };
+    let seg = SealedSegment::open(&reader).map_err(|(at, e)| {
+        Problem::Other(format!(
+            "{}: offset {at}: {}",
+            seg_path.display(),
+            error_chain(&e)
+        ))
+    })?;
+    if Checkpoint::of_segment(&seg).body() != note.text {
+        return Err(Problem::Other(format!(
+            "does not describe segment {seq} as it is on disk: not cosigned (run nattrace verify \
+             --data-dir DIR --key PUBKEY)"
         )));
     }
     note.add_signature(key)
@@ -187,18 +216,20 @@ mod tests {
         (r, String::from_utf8(out).unwrap())
     }
 
-    fn body(seq: u32) -> String {
-        Checkpoint {
-            writer_id: [1; 16],
-            size: 4,
-            root: [seq.to_le_bytes()[0]; 32],
+    /// Writes sealed segment `seq` (no rows) into `seg_dir`; its checkpoint body.
+    fn body(seg_dir: &Path, seq: u32) -> String {
+        let header = crate::storage::columnar::SegmentHeader {
             seq,
+            writer_id: [1; 16],
             prev_seq: seq - 1,
             prev_root: [0; 32],
             window_start_ns: 10,
             window_end_ns: 20,
-        }
-        .body()
+        };
+        let (bytes, _) = crate::storage::columnar::encode_segment(&header, Vec::new(), &[]);
+        crate::storage::seal::write_sealed(seg_dir, seq, &bytes).unwrap();
+        let seg = SealedSegment::open(&bytes).unwrap();
+        Checkpoint::of_segment(&seg).body()
     }
 
     /// A data dir with checkpoints 1..=count signed by a host key; returns (dir, host key).
@@ -208,7 +239,7 @@ mod tests {
         fs::create_dir(&seg_dir).unwrap();
         let host = SignerKey::generate("gw1").unwrap();
         for seq in 1..=count {
-            write_checkpoint(&seg_dir, seq, &sign(&body(seq), &host).unwrap()).unwrap();
+            write_checkpoint(&seg_dir, seq, &sign(&body(&seg_dir, seq), &host).unwrap()).unwrap();
         }
         (dir, host)
     }
@@ -245,7 +276,7 @@ mod tests {
 
         // A new checkpoint since: only it is cosigned.
         let seg_dir = dir.path().join(SEGMENTS_DIR);
-        write_checkpoint(&seg_dir, 4, &sign(&body(4), &host).unwrap()).unwrap();
+        write_checkpoint(&seg_dir, 4, &sign(&body(&seg_dir, 4), &host).unwrap()).unwrap();
         let before = fs::read(checkpoint_path(&seg_dir, 1)).unwrap();
         let (r, out) = run_with(dir.path(), &key_path, "auditor");
         assert_eq!(r.unwrap(), Status::Ok);
@@ -258,6 +289,43 @@ mod tests {
     }
 
     #[test]
+    fn a_checkpoint_that_does_not_describe_its_segment_is_not_cosigned() {
+        let (dir, host) = data_dir(3);
+        let seg_dir = dir.path().join(SEGMENTS_DIR);
+        // Segment 2 replaced by other content (its checkpoint still names the old root);
+        // segment 3 deleted by retention.
+        let header = crate::storage::columnar::SegmentHeader {
+            seq: 2,
+            writer_id: [9; 16],
+            prev_seq: 1,
+            prev_root: [0; 32],
+            window_start_ns: 10,
+            window_end_ns: 20,
+        };
+        let (bytes, _) = crate::storage::columnar::encode_segment(&header, Vec::new(), &[]);
+        crate::storage::seal::write_sealed(&seg_dir, 2, &bytes).unwrap();
+        fs::remove_file(seg_dir.join(segment_name(3, SEALED_EXT))).unwrap();
+        let keys = tempfile::tempdir().unwrap();
+        let (key_path, auditor) = auditor_key(keys.path());
+        let (r, out) = run_with(dir.path(), &key_path, "auditor");
+        assert_eq!(r.unwrap(), Status::Partial, "{out}");
+        assert!(
+            out.contains("does not describe segment 2 as it is on disk"),
+            "{out}"
+        );
+        assert!(
+            out.ends_with(
+                "cosigned 1 checkpoint, 0 already had a signature by auditor; 1 could not be \
+             cosigned; 1 of deleted segments left as they are\n"
+            ),
+            "{out}"
+        );
+        read(dir.path(), 1).verify(&auditor.verifier()).unwrap();
+        assert!(read(dir.path(), 2).verify(&auditor.verifier()).is_err());
+        read(dir.path(), 2).verify(&host.verifier()).unwrap();
+    }
+
+    #[test]
     fn unreadable_checkpoints_are_reported_and_the_others_cosigned() {
         let (dir, _) = data_dir(3);
         let seg_dir = dir.path().join(SEGMENTS_DIR);
@@ -266,7 +334,13 @@ mod tests {
         // A signed note whose text is not a checkpoint.
         let wrong = checkpoint_path(&seg_dir, 3);
         let other = SignerKey::generate("gw1").unwrap();
-        fs::write(&wrong, sign(&body(5), &other).unwrap().encode()).unwrap();
+        fs::write(
+            &wrong,
+            sign(&body(tempfile::tempdir().unwrap().path(), 5), &other)
+                .unwrap()
+                .encode(),
+        )
+        .unwrap();
         let keys = tempfile::tempdir().unwrap();
         let (key_path, auditor) = auditor_key(keys.path());
         let (r, out) = run_with(dir.path(), &key_path, "auditor");
