@@ -70,7 +70,14 @@ use tracer_user::workload::{Rng, Workload, WorkloadConfig};
 
 // The point query goes through the real engine, at one call site (`query_once`).
 use tracer_user::storage::{Search, Snapshot as Found, search};
+// Evidence export and offline verification, as `nattrace export` and `verify BUNDLE` run them.
+use tracer_user::cliparse::format_endpoint;
+use tracer_user::evidence::check::verify_bundle;
+use tracer_user::evidence::export::{ExportArgs, export};
+use tracer_user::signing::{SignerKey, write_key_pair};
 
+/// Point questions also exported as evidence bundles.
+const EXPORTS: usize = 20;
 /// Rows per segment, as the agent splits them.
 const SEGMENT_ROWS: usize = 1 << 21;
 /// Largest chunk a baseline is compressed in.
@@ -1125,6 +1132,10 @@ fn query_report(args: &Args, root: bool, work: &Path) -> Result<String, String> 
         fmt_dur(warm50),
         fmt_dur(warm99)
     );
+    if let Some(line) = export_report(&dir, work, &warm_set[..warm_set.len().min(EXPORTS)], warm50)?
+    {
+        let _ = write!(summary, "; {line}");
+    }
 
     // Cold: drop the page cache before each.
     if !root {
@@ -1187,6 +1198,89 @@ fn query_report(args: &Args, root: bool, work: &Path) -> Result<String, String> 
         let _ = write!(summary, "; full scan p50 {}", fmt_dur(p50));
     }
     Ok(summary)
+}
+
+/// The same point questions exported as evidence bundles (`nattrace export`'s code: the
+/// answer through the same engine, then an inclusion proof for each of its rows, signed
+/// manifest, audit entry) and each bundle verified offline; beside the warm search.
+fn export_report(
+    dir: &Path,
+    work: &Path,
+    known: &[Known],
+    search_p50: Duration,
+) -> Result<Option<String>, String> {
+    if known.is_empty() {
+        return Ok(None);
+    }
+    let key = SignerKey::generate("bench").map_err(|e| e.to_string())?;
+    let (key_file, _) = write_key_pair(&work.join("keys"), &key).map_err(|e| e.to_string())?;
+    let verifier = key.verifier();
+    let now = tracer_user::query::now_ns();
+    let (mut exports, mut verifies, mut sizes) = (Vec::new(), Vec::new(), Vec::new());
+    for (i, k) in known.iter().enumerate() {
+        let at = format!(
+            "{}.{:09}",
+            k.at_ns.div_euclid(1_000_000_000),
+            k.at_ns.rem_euclid(1_000_000_000)
+        );
+        let out = work.join(format!("bundle-{i}.nattrace"));
+        let args = ExportArgs {
+            data_dir: dir.to_owned(),
+            case: "BENCH-1".to_owned(),
+            out: out.clone(),
+            reason: None,
+            sign_key: Some(key_file.clone()),
+            external: Some(format_endpoint((k.external.0, Some(k.external.1)))),
+            internal: None,
+            destination: None,
+            at: None,
+            slack: None,
+            from: Some(at.clone()),
+            to: Some(at),
+            proto: None,
+        };
+        // Once to cache and to sign the checkpoints it needs (the benchmark's segments have
+        // none), then timed.
+        for timed in [false, true] {
+            let t = Instant::now();
+            let e = export(&args, now, &mut Vec::new()).map_err(|e| format!("export: {e:#}"))?;
+            let d = t.elapsed();
+            let bundle = fs::read(&out).map_err(|e| e.to_string())?;
+            fs::remove_file(&out).map_err(|e| e.to_string())?;
+            if e.manifest.bindings == 0 {
+                return Err(format!("export found nothing for {:?}", k.external));
+            }
+            let t = Instant::now();
+            let report = verify_bundle(&bundle, &verifier, &[]);
+            let v = t.elapsed();
+            if !report.is_verified() {
+                return Err(format!("bundle does not verify: {:?}", report.problems));
+            }
+            if timed {
+                exports.push(d);
+                verifies.push(v);
+                sizes.push(bundle.len());
+            }
+        }
+    }
+    sizes.sort_unstable();
+    let size = sizes[sizes.len() / 2];
+    let (e50, e99) = (pct(&mut exports, 50.0), pct(&mut exports, 99.0));
+    let v50 = pct(&mut verifies, 50.0);
+    println!(
+        "  evidence export (warm)          p50 {:>9}  p99 {:>9}  ({} exports; bundle {} bytes median; offline verify p50 {}); {:.1}x the warm search",
+        fmt_dur(e50),
+        fmt_dur(e99),
+        exports.len(),
+        size,
+        fmt_dur(v50),
+        e50.as_secs_f64() / search_p50.as_secs_f64()
+    );
+    Ok(Some(format!(
+        "export p50 {} (bundle {size} B, verify {})",
+        fmt_dur(e50),
+        fmt_dur(v50)
+    )))
 }
 
 /// The one call site of the query engine: "who held `k.external` at `k.at_ns`".

@@ -466,18 +466,21 @@ fn locate(dir: &Path, found: &[Binding], window: (i64, i64)) -> anyhow::Result<L
         if s.window_start_ns <= window.1 && window.0 <= s.window_end_ns {
             involved.insert(seq, path.clone());
         }
-        if found.is_empty() {
+        // A row answers for [start, end] clipped to the segment's window
+        // (`columnar::answer_interval`); a row carried in with an end earlier than the
+        // window's start answers for that start alone.
+        let answer_hi = |b: &Binding| b.end_ns.map_or(i64::MAX, |e| e.max(s.window_start_ns));
+        if !found
+            .iter()
+            .any(|b| s.rows > 0 && s.t_lo_ns <= answer_hi(b) && b.start_ns <= s.t_hi_ns)
+        {
             continue;
         }
         let mut prover = Prover::new(&seg, &reader)?;
         let fences = prover.fences().to_vec();
         for (i, fence) in fences.iter().enumerate() {
-            // A row answers for [start, end] clipped to the segment's window
-            // (`columnar::answer_interval`); a row carried in with an end earlier than the
-            // window's start answers for that start alone.
             let may_hold = found.iter().any(|b| {
-                let hi = b.end_ns.map_or(i64::MAX, |e| e.max(s.window_start_ns));
-                fence.may_hold_key(b.external()) && fence.overlaps(b.start_ns, hi)
+                fence.may_hold_key(b.external()) && fence.overlaps(b.start_ns, answer_hi(b))
             });
             if !may_hold {
                 continue;
