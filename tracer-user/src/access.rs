@@ -14,6 +14,9 @@
 //! code (sealing, the ledger, the lock) needs no [`Access`] passed down to it. A command that
 //! has loaded the configuration already may record its answer with
 //! [`Access::set_for_data_dir`].
+//!
+//! One file is the exception: with a group configured, the audit log `audit.log` is mode
+//! [`AUDIT_LOG_MODE`] (0660), writable by the group; see there why.
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions, Permissions};
@@ -29,6 +32,25 @@ use crate::storage::StorageError;
 pub const DIR_MODE: u32 = 0o750;
 /// Mode of every file nattrace creates in a data directory.
 pub const FILE_MODE: u32 = 0o640;
+
+/// Mode of the audit log, `audit.log`, when the data directory has a `group`: the one file
+/// its members may write ([`create_audit_log`], [`let_group_append`]).
+///
+/// Why: every `nattrace query` and `nattrace export` appends its entry to the audit log before
+/// it answers, and is refused when it cannot (README.md, "Audit"). The members of the group
+/// are the people meant to ask those questions; with a log they could not write, none of them
+/// could ask any. Nothing else is opened to them: the data directory stays 0750, so they
+/// create, rename and remove nothing in it, and in particular cannot replace the log's head,
+/// `audit.head`; they open the log that is there and append to it (`O_APPEND`, under flock).
+///
+/// Append-only by convention, not by permission: a member could rewrite the file. Its
+/// integrity does not rest on its mode but on the hash chain of its entries (each carries the
+/// hash of the one before) and on the head, written only by the owner and signed with the
+/// host key: `nattrace audit --verify` finds any entry a head covers that was changed or
+/// removed. The entries appended since the last head (a member's, until the owner's next
+/// query or export rewrites the head) are reported as not covered by it: those are the only
+/// ones that could be cut off the end unseen.
+pub const AUDIT_LOG_MODE: u32 = 0o660;
 
 /// Files directly in a data directory that nattrace writes (and [`adopt`] brings to the
 /// data directory's access). The configuration and any key file are the administrator's and
@@ -170,12 +192,69 @@ pub fn create_dir(path: &Path, access: &Access) -> io::Result<bool> {
 /// `access`'s group (see [`secure_file`]); a file already there is opened as `options` say
 /// and left as it is (an administrator may have widened it, [`adopt`] deals with old files).
 pub fn create_file(path: &Path, options: &OpenOptions, access: &Access) -> io::Result<File> {
+    create_file_mode(path, options, access, FILE_MODE)
+}
+
+/// The mode of an audit log created with `access`: [`AUDIT_LOG_MODE`] with a group, else
+/// [`FILE_MODE`] (no group to let in).
+#[must_use]
+pub fn audit_log_mode(access: &Access) -> u32 {
+    if access.gid.is_some() {
+        AUDIT_LOG_MODE
+    } else {
+        FILE_MODE
+    }
+}
+
+/// [`create_file`] for the audit log: a log this call creates gets mode exactly
+/// [`audit_log_mode`] and `access`'s group; a log already there is opened as `options` say
+/// and left as it is.
+pub fn create_audit_log(path: &Path, options: &OpenOptions, access: &Access) -> io::Result<File> {
+    create_file_mode(path, options, access, audit_log_mode(access))
+}
+
+/// Lets the members of `access`'s group append to the audit log `path` nattrace created
+/// before it did so: a regular file of mode exactly [`FILE_MODE`] that already belongs to the
+/// group gets [`AUDIT_LOG_MODE`]. Nothing else is changed: no group, no file, a symbolic
+/// link, another group, any other mode (an administrator's choice). Returns whether the mode
+/// was changed.
+pub fn let_group_append(path: &Path, access: &Access) -> io::Result<bool> {
+    let Some(gid) = access.gid else {
+        return Ok(false);
+    };
+    // Through a descriptor, so that what is checked is what is changed; never through a
+    // symbolic link, and without waiting on a FIFO.
+    let file = match OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    let meta = file.metadata()?;
+    if !meta.is_file() || meta.gid() != gid || meta.mode() & 0o7777 != FILE_MODE {
+        return Ok(false);
+    }
+    file.set_permissions(Permissions::from_mode(AUDIT_LOG_MODE))?;
+    Ok(true)
+}
+
+/// [`create_file`] giving a file it creates mode exactly `mode`.
+fn create_file_mode(
+    path: &Path,
+    options: &OpenOptions,
+    access: &Access,
+    mode: u32,
+) -> io::Result<File> {
     let mut new = options.clone();
-    new.create_new(true).mode(FILE_MODE);
+    new.create_new(true).mode(mode);
     loop {
         match new.open(path) {
             Ok(file) => {
-                secure_file(&file, access)?;
+                secure_file_mode(&file, access, mode)?;
                 return Ok(file);
             }
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
@@ -194,9 +273,14 @@ pub fn create_file(path: &Path, options: &OpenOptions, access: &Access) -> io::R
 /// descriptor (for a file created otherwise than by [`create_file`]); a file already so is
 /// not changed.
 pub fn secure_file(file: &File, access: &Access) -> io::Result<()> {
+    secure_file_mode(file, access, FILE_MODE)
+}
+
+/// [`secure_file`] to mode `mode`.
+fn secure_file_mode(file: &File, access: &Access, mode: u32) -> io::Result<()> {
     let meta = file.metadata()?;
-    if meta.mode() & 0o7777 != FILE_MODE {
-        file.set_permissions(Permissions::from_mode(FILE_MODE))?;
+    if meta.mode() & 0o7777 != mode {
+        file.set_permissions(Permissions::from_mode(mode))?;
     }
     if let Some(gid) = access.gid
         && meta.gid() != gid

@@ -13,6 +13,13 @@
 //! A head is only replaced by an unsigned one when it was not signed itself: entries appended
 //! by a user who cannot read the key stay after the last signed head, where [`verify`]
 //! reports them as not covered by a signature.
+//!
+//! With a `group` configured, its members append to the log too: the writer makes it
+//! group-writable ([`prepare_for_group`]; `crate::access::AUDIT_LOG_MODE` says why that is
+//! safe). They cannot replace the head (that takes creating a file in the data directory,
+//! which is not theirs), so their entries are chained at once and left after the head, where
+//! [`verify`] reports them as not covered by it, until the owner's next query or export
+//! rewrites the head over them ([`HeadUpdate::NotPermitted`]).
 
 use std::ffi::CStr;
 use std::fmt;
@@ -258,25 +265,63 @@ fn head_body(origin: &str, entries: u64, last_line: &[u8]) -> String {
     )
 }
 
-/// Appends `entry` to `dir/audit.log` (created mode 0640) and rewrites `dir/audit.head`,
-/// signed with `signer` when given. Holds an exclusive flock on the log throughout, so
-/// concurrent commands append one after the other. The entry is on disk (fsync'ed) when
-/// this returns; it is returned with its position and chain link.
-///
-/// Without `signer`, a head that carries signatures is left as it is: the new entry is then
-/// reported by [`verify`] as not covered by a signature, rather than the signed head being
-/// replaced by an unsigned one.
-///
-/// A last line without its newline (an append interrupted by a crash, never covered by the
-/// head) is cut off first.
+/// What [`append_entry`] did with `audit.head`. Whatever it is,
+/// the entry itself is in the log; a head left as it was only means that [`verify`] reports
+/// the entries after it as not covered by it until a later head is written.
+#[derive(Debug)]
+pub enum HeadUpdate {
+    /// Rewritten to cover the new entry.
+    Written,
+    /// Left as it was: it carries signatures and no key was given to sign a new one.
+    KeptSigned,
+    /// Left as it was: this user may not create or replace files in the data directory (a
+    /// member of its group). Nothing is left behind.
+    NotPermitted,
+    /// Left as it was: rewriting it failed (no temporary file is left behind).
+    Failed(AuditError),
+}
+
+/// An entry appended by [`append_entry`], and what became of the head.
+#[derive(Debug)]
+pub struct Appended {
+    /// The entry as written, with its position and chain link.
+    pub entry: AuditEntry,
+    /// The head.
+    pub head: HeadUpdate,
+}
+
+/// [`append_entry`], for a caller with nothing to say about the head.
 pub fn append(
     dir: &Path,
     entry: NewEntry,
     signer: Option<&SignerKey>,
 ) -> Result<AuditEntry, AuditError> {
+    append_entry(dir, entry, signer).map(|a| a.entry)
+}
+
+/// Appends `entry` to `dir/audit.log` and rewrites `dir/audit.head` to cover it, signed with
+/// `signer` when given. A log this creates gets mode 0640, or 0660 and the group with a
+/// `group` configured (`crate::access::create_audit_log`); an existing one is opened as it
+/// is, which is all a member of the group needs. Holds an exclusive flock on the log
+/// throughout, so concurrent commands append one after the other. The entry is on disk
+/// (fsync'ed) when this returns; it is returned with its position and chain link.
+///
+/// Only a failure to append the entry is an error. The head may be left as it was (see
+/// [`HeadUpdate`]): without `signer`, a head that carries signatures is kept rather than
+/// replaced by an unsigned one; a user who may not replace files in `dir` (a member of its
+/// group) leaves it to the owner's next append; a failure to rewrite it is returned as
+/// [`HeadUpdate::Failed`]. [`verify`] then reports the new entry as not covered by the head.
+///
+/// A last line without its newline (an append interrupted by a crash, never covered by the
+/// head) is cut off first.
+pub fn append_entry(
+    dir: &Path,
+    entry: NewEntry,
+    signer: Option<&SignerKey>,
+) -> Result<Appended, AuditError> {
     let log_path = dir.join(AUDIT_LOG);
     let access = Access::for_data_dir(dir).map_err(AuditError::Config)?;
-    let mut log = access::create_file(
+    let mut log = access::create_audit_log(
         &log_path,
         OpenOptions::new().read(true).append(true).create(true),
         &access,
@@ -307,51 +352,178 @@ pub fn append(
         .and_then(|()| log.sync_data())
         .map_err(|e| AuditError::io("write", &log_path, e))?;
     line.pop();
-    write_head(dir, seq, &line, signer, &access)?;
+    let head = write_head(dir, seq, &line, signer, &access);
     // The flock is released when `log` is closed, after the head is in place.
     drop(log);
-    Ok(entry)
+    Ok(Appended { entry, head })
 }
 
-/// Writes the head for a log whose last entry is `seq` with bytes `last_line`.
+/// Sets up the audit log of data directory `dir` for the members of `access`'s group, so
+/// that their queries can be audited (the writer calls it when it opens `dir`: the agent and
+/// `nattrace import`). Does nothing without a group. A missing `dir/audit.log` is created
+/// empty, mode exactly `crate::access::AUDIT_LOG_MODE` (0660) and the group; a log nattrace
+/// created 0640 before is widened to 0660 (`crate::access::let_group_append`); nothing else
+/// about an existing log is changed. An empty log without a head gets one recording no
+/// entries, signed with the configuration's `sign_key` when this process can read it, so
+/// that the entries members append before the owner's first query or export are reported as
+/// not covered by a head rather than the head as missing.
+pub fn prepare_for_group(dir: &Path, access: &Access) -> Result<(), AuditError> {
+    if access.gid.is_none() {
+        return Ok(());
+    }
+    let log_path = dir.join(AUDIT_LOG);
+    access::let_group_append(&log_path, access)
+        .map_err(|e| AuditError::io("let the group append to", &log_path, e))?;
+    let log = access::create_audit_log(
+        &log_path,
+        OpenOptions::new().read(true).append(true).create(true),
+        access,
+    )
+    .map_err(|e| AuditError::io("open", &log_path, e))?;
+    log.lock()
+        .map_err(|e| AuditError::io("lock", &log_path, e))?;
+    let empty = log
+        .metadata()
+        .map_err(|e| AuditError::io("read", &log_path, e))?
+        .len()
+        == 0;
+    let head_path = dir.join(AUDIT_HEAD);
+    let head_missing = match fs::symlink_metadata(&head_path) {
+        Ok(_) => false,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => true,
+        Err(e) => return Err(AuditError::io("read", &head_path, e)),
+    };
+    if empty && head_missing {
+        let signer = head_signer(dir);
+        match write_head(dir, 0, b"", signer.as_ref(), access) {
+            HeadUpdate::Failed(e) => return Err(e),
+            HeadUpdate::Written | HeadUpdate::KeptSigned | HeadUpdate::NotPermitted => {}
+        }
+    }
+    drop(log);
+    Ok(())
+}
+
+/// The key of `sign_key` in `dir`'s configuration, when there is one this process can read.
+fn head_signer(dir: &Path) -> Option<SignerKey> {
+    let path = crate::config::load(dir).ok()?.sign_key?;
+    match SignerKey::load(&path) {
+        Ok(k) => Some(k),
+        Err(e) => {
+            log::warn!(
+                "cannot read the signing key {} ({}): the audit head of {} is written unsigned",
+                path.display(),
+                crate::storage::error_chain(&e),
+                dir.display()
+            );
+            None
+        }
+    }
+}
+
+/// Whether this process may create, rename and remove files in directory `dir` (by its
+/// effective ids): `false` only when the system says no; any other doubt is left to the
+/// operations themselves.
+fn may_replace_files_in(dir: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c_dir) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
+        return true;
+    };
+    // SAFETY: `c_dir` is a NUL-terminated path; faccessat only reads it.
+    let rc = unsafe {
+        libc::faccessat(
+            libc::AT_FDCWD,
+            c_dir.as_ptr(),
+            libc::W_OK | libc::X_OK,
+            libc::AT_EACCESS,
+        )
+    };
+    rc == 0
+        || !matches!(
+            io::Error::last_os_error().raw_os_error(),
+            Some(libc::EACCES | libc::EPERM)
+        )
+}
+
+/// Writes the head for a log whose last entry is `seq` with bytes `last_line` (0 and empty
+/// for an empty log), through `dir/audit.head.tmp` renamed over it. Nothing is tried when
+/// this process may not replace files in `dir`; a temporary file left by an interrupted
+/// rewrite is removed first, and the one this call makes is removed again when anything
+/// fails, so that only a complete head is ever left (the log's flock, held by the caller,
+/// keeps other nattrace processes out meanwhile).
 fn write_head(
     dir: &Path,
     seq: u64,
     last_line: &[u8],
     signer: Option<&SignerKey>,
     access: &Access,
-) -> Result<(), AuditError> {
+) -> HeadUpdate {
+    if !may_replace_files_in(dir) {
+        return HeadUpdate::NotPermitted;
+    }
     let path = dir.join(AUDIT_HEAD);
     let body = head_body(&origin(dir), seq, last_line);
     let text = match signer {
-        Some(key) => signing::sign(&body, key)
-            .map_err(|e| AuditError::Sign {
-                path: path.clone(),
-                source: Box::new(e),
-            })?
-            .encode(),
-        None => {
-            if fs::read_to_string(&path).is_ok_and(|old| split_head(&old).1.is_some()) {
-                return Ok(());
+        Some(key) => match signing::sign(&body, key) {
+            Ok(note) => note.encode(),
+            Err(e) => {
+                return HeadUpdate::Failed(AuditError::Sign {
+                    path,
+                    source: Box::new(e),
+                });
             }
-            body
-        }
+        },
+        None => match fs::read_to_string(&path) {
+            Ok(old) if split_head(&old).1.is_some() => return HeadUpdate::KeptSigned,
+            // Not a head nattrace wrote (not UTF-8): replaced.
+            Ok(_) => body,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::InvalidData
+                ) =>
+            {
+                body
+            }
+            // A head that cannot be read may be signed: never replaced by an unsigned one.
+            Err(e) => return HeadUpdate::Failed(AuditError::io("read", &path, e)),
+        },
     };
     let tmp = dir.join(format!("{AUDIT_HEAD}.tmp"));
-    let write = || -> io::Result<()> {
-        let mut f = access::create_file(
-            &tmp,
-            OpenOptions::new().write(true).create(true).truncate(true),
-            access,
-        )?;
-        f.write_all(text.as_bytes())?;
-        f.sync_all()
+    let failed = |action: &'static str, e: io::Error| {
+        // Only ever ours: the stale one was removed, the log's flock keeps others out.
+        let _ = fs::remove_file(&tmp);
+        if e.kind() == io::ErrorKind::PermissionDenied && action == "create" {
+            HeadUpdate::NotPermitted
+        } else {
+            HeadUpdate::Failed(AuditError::io(action, &tmp, e))
+        }
     };
-    write().map_err(|e| AuditError::io("write", &tmp, e))?;
-    fs::rename(&tmp, &path).map_err(|e| AuditError::io("rename", &tmp, e))?;
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| AuditError::io("fsync", dir, e))
+    // Removed, never written through: it might be anything, a symbolic link even.
+    match fs::remove_file(&tmp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return HeadUpdate::Failed(AuditError::io("remove", &tmp, e)),
+    }
+    let mut f = match access::create_file(
+        &tmp,
+        OpenOptions::new().write(true).create_new(true),
+        access,
+    ) {
+        Ok(f) => f,
+        Err(e) => return failed("create", e),
+    };
+    if let Err(e) = f.write_all(text.as_bytes()).and_then(|()| f.sync_all()) {
+        return failed("write", e);
+    }
+    drop(f);
+    if let Err(e) = fs::rename(&tmp, &path) {
+        return failed("rename", e);
+    }
+    match File::open(dir).and_then(|d| d.sync_all()) {
+        Ok(()) => HeadUpdate::Written,
+        Err(e) => HeadUpdate::Failed(AuditError::io("fsync", dir, e)),
+    }
 }
 
 /// The end of the log as [`append`] needs it.
@@ -747,10 +919,13 @@ pub fn verify(dir: &Path, key: Option<&VerifierKey>) -> Result<AuditReport, Audi
     }
     if let Some((from, to)) = report.uncovered {
         let what = if report.signed_by.is_empty() {
-            "not covered by the head"
+            "not covered by the head (appended by a user who could not rewrite it, such as a \
+             member of the data directory's group; the owner's next query or export covers \
+             them)"
         } else {
             "not covered by a signature (appended after the last signed head, by a user who \
-             could not read the signing key)"
+             could not read the signing key or rewrite the head, such as a member of the data \
+             directory's group; the next query or export by root covers them)"
         };
         let range = if from == to {
             format!("entry {from} is")
@@ -1309,5 +1484,183 @@ mod tests {
         .unwrap();
         let e = append(dir.path(), entry(2), None).unwrap_err();
         assert_eq!(e.io_kind(), Some(io::ErrorKind::PermissionDenied), "{e:?}");
+    }
+
+    /// Our own effective group: one we may give files to without being root.
+    fn own_group() -> Access {
+        // SAFETY: getegid cannot fail.
+        Access {
+            gid: Some(unsafe { libc::getegid() }),
+        }
+    }
+
+    fn mode_of(path: &Path) -> u32 {
+        fs::symlink_metadata(path).unwrap().permissions().mode() & 0o7777
+    }
+
+    /// Names in `dir` (to see that nothing is left behind).
+    fn names(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn prepare_for_group_makes_a_group_writable_log_with_an_empty_head() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        // Without a group: nothing.
+        prepare_for_group(dir.path(), &Access::default()).unwrap();
+        assert!(names(dir.path()).is_empty());
+
+        let access = own_group();
+        Access::set_for_data_dir(dir.path(), access);
+        prepare_for_group(dir.path(), &access).unwrap();
+        assert_eq!(names(dir.path()), vec![AUDIT_HEAD, AUDIT_LOG]);
+        let log = dir.path().join(AUDIT_LOG);
+        assert_eq!(mode_of(&log), 0o660);
+        assert_eq!(fs::metadata(&log).unwrap().gid(), access.gid.unwrap());
+        assert_eq!(fs::metadata(&log).unwrap().len(), 0);
+        assert_eq!(mode_of(&dir.path().join(AUDIT_HEAD)), 0o640);
+        let r = verify(dir.path(), None).unwrap();
+        assert!(r.is_intact(), "{r:?}");
+        assert_eq!((r.entries, r.head_entries, r.uncovered), (0, Some(0), None));
+
+        // Entries a member appends without rewriting the head: not covered, not a problem.
+        fs::write(
+            &log,
+            format!(
+                "{}\n",
+                serde_json::to_string(&entry(1).into_entry(1, FIRST_PREV.to_owned())).unwrap()
+            ),
+        )
+        .unwrap();
+        let r = verify(dir.path(), None).unwrap();
+        assert!(r.is_intact(), "{r:?}");
+        assert_eq!(r.uncovered, Some((1, 1)));
+        assert!(
+            r.notes
+                .iter()
+                .any(|n| n.starts_with("entry 1 is not covered by the head")),
+            "{r:?}"
+        );
+        // Appending keeps the log's mode; a later setup leaves log and head alone.
+        append(dir.path(), entry(2), None).unwrap();
+        let head = fs::read_to_string(dir.path().join(AUDIT_HEAD)).unwrap();
+        prepare_for_group(dir.path(), &access).unwrap();
+        assert_eq!(mode_of(&log), 0o660);
+        assert_eq!(
+            fs::read_to_string(dir.path().join(AUDIT_HEAD)).unwrap(),
+            head
+        );
+        let r = verify(dir.path(), None).unwrap();
+        assert!(r.is_intact() && r.uncovered.is_none(), "{r:?}");
+
+        // A log appended to before, with a head: widened from 0640, head untouched.
+        let dir = tempfile::tempdir().unwrap();
+        append_n(dir.path(), 2, None);
+        let log = dir.path().join(AUDIT_LOG);
+        assert_eq!(mode_of(&log), 0o640);
+        let head = fs::read_to_string(dir.path().join(AUDIT_HEAD)).unwrap();
+        prepare_for_group(dir.path(), &access).unwrap();
+        assert_eq!(mode_of(&log), 0o660);
+        assert_eq!(
+            fs::read_to_string(dir.path().join(AUDIT_HEAD)).unwrap(),
+            head
+        );
+        // Any other mode is the administrator's.
+        fs::set_permissions(&log, fs::Permissions::from_mode(0o600)).unwrap();
+        prepare_for_group(dir.path(), &access).unwrap();
+        assert_eq!(mode_of(&log), 0o600);
+
+        // A log with entries but no head is not given one: that is for verify to report.
+        fs::remove_file(dir.path().join(AUDIT_HEAD)).unwrap();
+        prepare_for_group(dir.path(), &access).unwrap();
+        assert!(!dir.path().join(AUDIT_HEAD).exists());
+
+        // Something else in the log's place: an error, and nothing made.
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir(dir.path().join(AUDIT_LOG)).unwrap();
+        let e = prepare_for_group(dir.path(), &access).unwrap_err();
+        assert!(e.to_string().contains("audit.log"), "{e}");
+        assert_eq!(names(dir.path()), vec![AUDIT_LOG]);
+    }
+
+    #[test]
+    fn prepare_for_group_signs_the_empty_head_with_the_configured_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = SignerKey::generate("host-a").unwrap();
+        let (key_file, _) = signing::write_key_pair(&dir.path().join("keys"), &key).unwrap();
+        fs::write(
+            dir.path().join(crate::config::CONFIG_FILE),
+            format!("sign_key = \"{}\"\n", key_file.display()),
+        )
+        .unwrap();
+        prepare_for_group(dir.path(), &own_group()).unwrap();
+        let r = verify(dir.path(), Some(&key.verifier())).unwrap();
+        assert!(r.is_intact(), "{r:?}");
+        assert_eq!(r.verified_by.as_deref(), Some("host-a"));
+        assert_eq!(r.head_entries, Some(0));
+    }
+
+    #[test]
+    fn a_head_that_cannot_be_rewritten_leaves_the_entry_and_no_garbage() {
+        // The temporary file cannot be created (a directory is in its place).
+        let dir = tempfile::tempdir().unwrap();
+        append_n(dir.path(), 1, None);
+        let head = fs::read_to_string(dir.path().join(AUDIT_HEAD)).unwrap();
+        let tmp = dir.path().join(format!("{AUDIT_HEAD}.tmp"));
+        fs::create_dir(&tmp).unwrap();
+        fs::write(tmp.join("x"), "").unwrap();
+        let a = append_entry(dir.path(), entry(2), None).unwrap();
+        assert_eq!(a.entry.seq, 2);
+        assert!(matches!(a.head, HeadUpdate::Failed(_)), "{:?}", a.head);
+        assert_eq!(
+            fs::read_to_string(dir.path().join(AUDIT_HEAD)).unwrap(),
+            head
+        );
+        let r = verify(dir.path(), None).unwrap();
+        assert!(r.is_intact(), "{r:?}");
+        assert_eq!((r.entries, r.uncovered), (2, Some((2, 2))));
+        fs::remove_dir_all(&tmp).unwrap();
+
+        // A stale temporary file (an interrupted rewrite), even a symbolic link: replaced,
+        // never written through.
+        let target = dir.path().join("elsewhere");
+        fs::write(&target, "keep").unwrap();
+        std::os::unix::fs::symlink(&target, &tmp).unwrap();
+        let a = append_entry(dir.path(), entry(3), None).unwrap();
+        assert!(matches!(a.head, HeadUpdate::Written), "{:?}", a.head);
+        assert_eq!(fs::read_to_string(&target).unwrap(), "keep");
+        assert_eq!(names(dir.path()), vec![AUDIT_HEAD, AUDIT_LOG, "elsewhere"]);
+        let r = verify(dir.path(), None).unwrap();
+        assert!(r.is_intact() && r.uncovered.is_none(), "{r:?}");
+
+        // The head cannot be replaced (a directory is in its place): the temporary file
+        // written for it is removed again.
+        let dir = tempfile::tempdir().unwrap();
+        append_n(dir.path(), 1, None);
+        fs::remove_file(dir.path().join(AUDIT_HEAD)).unwrap();
+        fs::create_dir(dir.path().join(AUDIT_HEAD)).unwrap();
+        fs::write(dir.path().join(AUDIT_HEAD).join("x"), "").unwrap();
+        let a = append_entry(dir.path(), entry(2), None).unwrap();
+        assert_eq!(a.entry.seq, 2);
+        match &a.head {
+            HeadUpdate::Failed(e) => assert!(e.to_string().contains("cannot read"), "{e}"),
+            other => panic!("{other:?}"),
+        }
+        // Signed, the old head is not read: the rename fails.
+        let key = SignerKey::generate("host-a").unwrap();
+        let a = append_entry(dir.path(), entry(3), Some(&key)).unwrap();
+        assert_eq!(a.entry.seq, 3);
+        match &a.head {
+            HeadUpdate::Failed(e) => assert!(e.to_string().contains("cannot rename"), "{e}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(names(dir.path()), vec![AUDIT_HEAD, AUDIT_LOG]);
+        assert_eq!(log_lines(dir.path()).len(), 3);
     }
 }

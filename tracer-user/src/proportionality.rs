@@ -7,7 +7,7 @@ use std::io::{self, Write};
 use std::path::Path;
 use std::time::Duration;
 
-use crate::audit::{self, AUDIT_LOG, AuditEntry, NewEntry};
+use crate::audit::{self, AUDIT_HEAD, AUDIT_LOG, AuditEntry, HeadUpdate, NewEntry};
 use crate::config::{self, CONFIG_FILE, ConfigError, DataDirConfig};
 use crate::exit::UserError;
 use crate::signing::SignerKey;
@@ -92,6 +92,11 @@ fn duration_text(d: Duration) -> String {
 /// `err`. Call it once the answer is known and before any of it is printed or written:
 /// when the entry cannot be appended the error (exit 4) says that the command is refused,
 /// and the command must then show nothing.
+///
+/// A member of the data directory's group appends its entry but cannot rewrite the head
+/// (see `audit::HeadUpdate::NotPermitted`): that is how it is meant to work, and nothing is
+/// said. Any other failure to rewrite the head, after the entry is safely in the log, is a
+/// one-line warning on `err`, not a refusal.
 pub fn record(
     dir: &Path,
     config: &DataDirConfig,
@@ -110,10 +115,12 @@ pub fn record(
         "query" => "queries".to_owned(),
         c => format!("{c}s"),
     };
-    let written = audit::append(dir, entry, signer.as_ref()).map_err(|e| {
+    let appended = audit::append_entry(dir, entry, signer.as_ref()).map_err(|e| {
         let cause = match e.io_kind() {
             Some(io::ErrorKind::PermissionDenied) => {
-                "permission denied (run as root or as the owner of the audit log)".to_owned()
+                "permission denied (run as root, or as a member of the data dir's group once \
+                 the agent or `nattrace import` has made the log writable by it)"
+                    .to_owned()
             }
             _ => error_chain(&e),
         };
@@ -123,15 +130,30 @@ pub fn record(
             dir.join(AUDIT_LOG).display()
         ))
     })?;
-    if let Some((path, e)) = key_problem {
-        writeln!(
+    let written = appended.entry;
+    match appended.head {
+        HeadUpdate::Written | HeadUpdate::KeptSigned => {
+            if let Some((path, e)) = key_problem {
+                writeln!(
+                    err,
+                    "nattrace: warning: cannot read the signing key {} ({}): audit entry {} \
+                     recorded without a signature",
+                    path.display(),
+                    error_chain(&e),
+                    written.seq
+                )?;
+            }
+        }
+        // A member of the group: the owner's next query or export covers the entry.
+        HeadUpdate::NotPermitted => {}
+        HeadUpdate::Failed(e) => writeln!(
             err,
-            "nattrace: warning: cannot read the signing key {} ({}): audit entry {} recorded \
-             without a signature",
-            path.display(),
-            error_chain(&e),
-            written.seq
-        )?;
+            "nattrace: warning: audit entry {} recorded, but the head {} was not updated ({}): \
+             the entry is chained but not covered by the head until the next one is written",
+            written.seq,
+            dir.join(AUDIT_HEAD).display(),
+            error_chain(&e)
+        )?,
     }
     Ok(written)
 }
@@ -141,7 +163,7 @@ mod tests {
     use std::fs;
 
     use super::*;
-    use crate::audit::{AUDIT_HEAD, COMMAND_EXPORT, COMMAND_QUERY, read_log};
+    use crate::audit::{COMMAND_EXPORT, COMMAND_QUERY, read_log};
     use crate::exit::Status;
 
     const H: i64 = 3_600_000_000_000;
@@ -278,6 +300,30 @@ mod tests {
         let r = crate::audit::verify(dir.path(), Some(&key.verifier())).unwrap();
         assert!(r.is_intact(), "{r:?}");
         assert_eq!(r.uncovered, Some((2, 2)));
+    }
+
+    #[test]
+    fn head_failure_is_a_warning_not_a_refusal() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut err = Vec::new();
+        let c = DataDirConfig::default();
+        record(dir.path(), &c, NewEntry::now(COMMAND_QUERY, "q"), &mut err).unwrap();
+        assert!(err.is_empty());
+        // The head cannot be read, so cannot be replaced.
+        fs::remove_file(dir.path().join(AUDIT_HEAD)).unwrap();
+        fs::create_dir_all(dir.path().join(AUDIT_HEAD).join("x")).unwrap();
+        let written = record(dir.path(), &c, NewEntry::now(COMMAND_QUERY, "q"), &mut err).unwrap();
+        assert_eq!(written.seq, 2);
+        let err = String::from_utf8(err).unwrap();
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(
+            err.starts_with(&format!(
+                "nattrace: warning: audit entry 2 recorded, but the head {} was not updated (",
+                dir.path().join(AUDIT_HEAD).display()
+            )),
+            "{err}"
+        );
+        assert_eq!(read_log(dir.path()).unwrap().0.len(), 2);
     }
 
     #[test]

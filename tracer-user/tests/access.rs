@@ -1,6 +1,7 @@
 //! Who may read a data directory: what nattrace creates is 0750/0640 whatever the umask and
-//! owned by the configured `group`; a user outside it gets a one-line "permission denied"
-//! naming the path, never a panic. Runs the built `nattrace` binary as root and, dropping
+//! owned by the configured `group` (but for the audit log, 0660 so that members can be
+//! audited); a user outside it gets a one-line "permission denied" naming the path, never a
+//! panic. Runs the built `nattrace` binary as root and, dropping
 //! privileges, as the unprivileged uid 65534; skipped (with the reason printed) when not root.
 
 use std::fs;
@@ -238,7 +239,14 @@ fn configured_group_owns_the_data_and_its_members_read_it() {
         if p.ends_with("nattrace.toml") {
             continue;
         }
-        let want = if p.is_dir() { 0o750 } else { 0o640 };
+        // The audit log is the one file the group writes: its members append to it.
+        let want = if p.is_dir() {
+            0o750
+        } else if p.ends_with("audit.log") {
+            0o660
+        } else {
+            0o640
+        };
         assert_eq!(
             (mode, g),
             (want, gid),
@@ -277,4 +285,229 @@ fn configured_group_owns_the_data_and_its_members_read_it() {
         "{err}"
     );
     assert!(!data2.join("segments").exists());
+}
+
+/// The audit log's entries, parsed.
+fn audit_entries(data: &Path) -> Vec<serde_json::Value> {
+    fs::read_to_string(data.join("audit.log"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// `nattrace audit --verify` as root: its exit code and output.
+fn audit_verify(data: &Path) -> (Option<i32>, String) {
+    let out = nattrace()
+        .args(["audit", "--verify", "--data-dir"])
+        .arg(data)
+        .output()
+        .unwrap();
+    (out.status.code(), text(&out))
+}
+
+#[test]
+fn group_members_query_and_are_audited() {
+    if !is_root() {
+        eprintln!("skipped: needs root, to give files to another group and run as uid {NOBODY}");
+        return;
+    }
+    let Some((group, gid)) = other_group() else {
+        eprintln!("skipped: none of daemon, adm, nogroup, users in the group database");
+        return;
+    };
+    let (_tmp, data) = scratch();
+    fs::create_dir(&data).unwrap();
+    fs::write(
+        data.join("nattrace.toml"),
+        format!("group = \"{group}\"\nretention = \"3650d\"\n"),
+    )
+    .unwrap();
+    import(&data, 0o022);
+    // The import made the audit log, for the group to append to, and an empty head.
+    let log = fs::metadata(data.join("audit.log")).unwrap();
+    assert_eq!(
+        (log.mode() & 0o7777, log.uid(), log.gid(), log.len()),
+        (0o660, 0, gid, 0)
+    );
+    let head = fs::read_to_string(data.join("audit.head")).unwrap();
+    let query = [
+        "--external",
+        "203.0.113.7:40123",
+        "--at",
+        "2024-05-01T10:01:00Z",
+    ];
+
+    // A member queries: answered, recorded, nothing alarming said.
+    let out = run_as(gid, "query", &data, &query);
+    assert!(
+        matches!(out.status.code(), Some(0 | 1)),
+        "query as a member: {}",
+        text(&out)
+    );
+    // (Imported data is not covered by capture: that warning is not about the audit.)
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !err.contains("audit") && !err.contains("head") && !err.contains("key"),
+        "query as a member: {}",
+        text(&out)
+    );
+    let entries = audit_entries(&data);
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    let user = entries[0]["user"].as_str().unwrap();
+    assert!(user == "nobody" || user == "uid 65534", "{entries:?}");
+    assert_eq!(entries[0]["uid"], NOBODY);
+    assert_eq!(entries[0]["command"], "query");
+    // The head is the owner's: left as it was, nothing left behind in the directory.
+    assert_eq!(fs::read_to_string(data.join("audit.head")).unwrap(), head);
+    assert!(!data.join("audit.head.tmp").exists());
+    let log = fs::metadata(data.join("audit.log")).unwrap();
+    assert_eq!((log.mode() & 0o7777, log.gid()), (0o660, gid));
+
+    // Someone outside the group is refused, and records nothing.
+    let out = run_as(NOBODY, "query", &data, &query);
+    assert_denied(&out, "query outside the group", &data);
+    assert_eq!(audit_entries(&data).len(), 1);
+
+    // A second member query chains to the first.
+    let out = run_as(gid, "query", &data, &query);
+    assert!(matches!(out.status.code(), Some(0 | 1)), "{}", text(&out));
+    assert_eq!(audit_entries(&data).len(), 2);
+
+    // The members' entries are chained, not yet covered by the head: intact, and said.
+    let (code, out) = audit_verify(&data);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("entries 1 to 2 are not covered by the head"),
+        "{out}"
+    );
+    assert!(out.contains("audit log intact"), "{out}");
+
+    // The next query by root rewrites the head over all of them.
+    let out = nattrace()
+        .arg("query")
+        .arg("--data-dir")
+        .arg(&data)
+        .args(query)
+        .output()
+        .unwrap();
+    assert!(matches!(out.status.code(), Some(0 | 1)), "{}", text(&out));
+    let (code, out) = audit_verify(&data);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("audit.head: 3 entries"), "{out}");
+    assert!(!out.contains("not covered"), "{out}");
+}
+
+#[test]
+fn an_audit_log_made_before_the_group_is_opened_to_it() {
+    if !is_root() {
+        eprintln!("skipped: needs root, to give files to another group and run as uid {NOBODY}");
+        return;
+    }
+    let Some((group, gid)) = other_group() else {
+        eprintln!("skipped: none of daemon, adm, nogroup, users in the group database");
+        return;
+    };
+    let (_tmp, data) = scratch();
+    import(&data, 0o022);
+    // Root queried before the group was set: a 0640 log with its head.
+    let out = nattrace()
+        .args(["query", "--data-dir"])
+        .arg(&data)
+        .args(["--internal", "100.64.0.10", "--at", "2024-05-01T10:01:00Z"])
+        .output()
+        .unwrap();
+    assert!(matches!(out.status.code(), Some(0 | 1)), "{}", text(&out));
+    let mode = |p: &str| fs::metadata(data.join(p)).unwrap().mode() & 0o7777;
+    assert_eq!(mode("audit.log"), 0o640);
+    fs::write(data.join("nattrace.toml"), format!("group = \"{group}\"\n")).unwrap();
+    // The next writer (here an import) lets the group in, and widens the log (only it).
+    import(&data, 0o022);
+    assert_eq!((mode("audit.log"), mode("audit.head")), (0o660, 0o640));
+    assert_eq!(fs::metadata(data.join("audit.log")).unwrap().gid(), gid);
+    let out = run_as(
+        gid,
+        "query",
+        &data,
+        &["--internal", "100.64.0.10", "--at", "2024-05-01T10:01:00Z"],
+    );
+    assert!(matches!(out.status.code(), Some(0 | 1)), "{}", text(&out));
+    assert_eq!(audit_entries(&data).len(), 2);
+    let (code, out) = audit_verify(&data);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("entry 2 is not covered by the head"), "{out}");
+}
+
+#[test]
+fn with_a_signing_key_members_entries_wait_for_the_next_signed_head() {
+    if !is_root() {
+        eprintln!("skipped: needs root, to give files to another group and run as uid {NOBODY}");
+        return;
+    }
+    let Some((group, gid)) = other_group() else {
+        eprintln!("skipped: none of daemon, adm, nogroup, users in the group database");
+        return;
+    };
+    let (tmp, data) = scratch();
+    let keys = tmp.path().join("keys");
+    let out = nattrace()
+        .args(["keygen", "--name", "host-a", "--out"])
+        .arg(&keys)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "keygen: {}", text(&out));
+    fs::create_dir(&data).unwrap();
+    fs::write(
+        data.join("nattrace.toml"),
+        format!(
+            "group = \"{group}\"\nsign_key = \"{}\"\n",
+            keys.join("nattrace.key").display()
+        ),
+    )
+    .unwrap();
+    import(&data, 0o022);
+    let query = ["--internal", "100.64.0.10", "--at", "2024-05-01T10:01:00Z"];
+    let verify = || {
+        let out = nattrace()
+            .args(["audit", "--verify", "--data-dir"])
+            .arg(&data)
+            .arg("--key")
+            .arg(keys.join("nattrace.pub"))
+            .output()
+            .unwrap();
+        (out.status.code(), text(&out))
+    };
+    // The empty head the import wrote is signed.
+    let (code, out) = verify();
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("signature by host-a verified"), "{out}");
+
+    // A member cannot read the key, nor rewrite the head: neither is worth a warning.
+    let out = run_as(gid, "query", &data, &query);
+    assert!(matches!(out.status.code(), Some(0 | 1)), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !err.contains("audit") && !err.contains("key"),
+        "{}",
+        text(&out)
+    );
+    let (code, out) = verify();
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("entry 1 is not covered by a signature"),
+        "{out}"
+    );
+
+    // Root's next query signs a head over it.
+    let out = nattrace()
+        .args(["query", "--data-dir"])
+        .arg(&data)
+        .args(query)
+        .output()
+        .unwrap();
+    assert!(matches!(out.status.code(), Some(0 | 1)), "{}", text(&out));
+    let (code, out) = verify();
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("audit.head: 2 entries"), "{out}");
+    assert!(!out.contains("not covered"), "{out}");
 }

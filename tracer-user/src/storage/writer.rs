@@ -256,6 +256,15 @@ impl Writer {
         access::create_dir(&seg_dir, &access)
             .map_err(|e| StorageError::io("create directory", &seg_dir, e))?;
         let writer_id = writer_id(dir, &access)?;
+        // With a group, its members query: each query appends to the audit log, which is
+        // therefore theirs to append to (0660; `access::AUDIT_LOG_MODE` says why). Not a
+        // reason to stop capturing: without it their queries are refused, as before.
+        if let Err(e) = crate::audit::prepare_for_group(dir, &access) {
+            log::warn!(
+                "{}; members of the data directory's group cannot query until it is fixed",
+                crate::storage::error_chain(&e)
+            );
+        }
 
         let mut max_seq = 0;
         let mut logs = Vec::new();
@@ -1075,13 +1084,21 @@ mod tests {
         w.close().unwrap();
         all.extend(modes(data));
         fs::remove_file(&again).unwrap();
-        // DIR, LOCK, WRITER_ID, nattrace.toml, segments, 1.seg, then 2.open or 2.seg.
-        assert_eq!(all.len(), 14, "{all:?}");
+        // DIR, LOCK, WRITER_ID, nattrace.toml, audit.log, audit.head, segments, 1.seg, then
+        // 2.open or 2.seg.
+        assert_eq!(all.len(), 18, "{all:?}");
         for (p, mode, g) in all {
             if p.ends_with(crate::config::CONFIG_FILE) {
                 continue;
             }
-            let want = if p.is_dir() { 0o750 } else { 0o640 };
+            // The audit log, which the group's members append to.
+            let want = if p.is_dir() {
+                0o750
+            } else if p.ends_with(crate::audit::AUDIT_LOG) {
+                0o660
+            } else {
+                0o640
+            };
             assert_eq!((mode, g), (want, gid), "{} mode {mode:o}", p.display());
         }
     }
