@@ -76,6 +76,8 @@ const TICK: Duration = Duration::from_millis(100);
 const FLUSH_EVERY: Duration = Duration::from_millis(200);
 /// How often the clock offset is re-measured and a heartbeat written.
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
+/// How often the agent signs the audit log's head over entries appended without it.
+const AUDIT_SIGN_EVERY: Duration = Duration::from_secs(3600);
 /// How often the agent applies the data directory's retention setting.
 const RETENTION_EVERY: Duration = Duration::from_secs(3600);
 
@@ -119,9 +121,10 @@ pub fn run(args: &RunArgs) -> anyhow::Result<Status> {
             with_causes(&e)
         ))
     })?;
-    if let Some(key) = signer {
+    let signer = signer.map(std::sync::Arc::new);
+    if let Some(key) = &signer {
         let name = key.name().to_owned();
-        let signed = writer.sign_with(std::sync::Arc::new(key)).map_err(|e| {
+        let signed = writer.sign_with(std::sync::Arc::clone(key)).map_err(|e| {
             UserError::environment(format!("signing checkpoints: {}", with_causes(&e)))
         })?;
         log::info!(
@@ -183,6 +186,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<Status> {
     let result = runtime.block_on(agent.event_loop(
         args.reconcile_interval,
         config.retention,
+        signer,
         args.data_dir.clone(),
     ));
     let status = agent.shut_down();
@@ -238,6 +242,7 @@ impl Agent {
         &mut self,
         reconcile_every: Duration,
         retention: Option<Duration>,
+        signer: Option<std::sync::Arc<crate::signing::SignerKey>>,
         data_dir: std::path::PathBuf,
     ) -> anyhow::Result<()> {
         // SAFETY: both fds belong to `self` (the capture's ring buffer and the listener's
@@ -267,8 +272,24 @@ impl Agent {
         // Retention from DIR/nattrace.toml: at start-up, then hourly, off the event loop.
         let mut retention_tick = tokio::time::interval(RETENTION_EVERY);
         let mut retention_task: Option<JoinHandle<()>> = None;
+        // The audit log's head, signed hourly over entries the group's members appended.
+        let mut audit_tick = tokio::time::interval(AUDIT_SIGN_EVERY);
+        let mut audit_task: Option<JoinHandle<()>> = None;
         loop {
             tokio::select! {
+                _ = audit_tick.tick(), if signer.is_some() => {
+                    if audit_task.as_ref().is_none_or(JoinHandle::is_finished) {
+                        let key = std::sync::Arc::clone(signer.as_ref().expect("guarded"));
+                        let dir = data_dir.clone();
+                        audit_task = Some(tokio::task::spawn_blocking(move || {
+                            match crate::audit::sign_head(&dir, &key) {
+                                Ok(0) => {}
+                                Ok(n) => log::info!("audit log: head signed over {n} more entries"),
+                                Err(e) => log::error!("audit log: {}", with_causes(&e)),
+                            }
+                        }));
+                    }
+                }
                 _ = retention_tick.tick(), if retention.is_some() => {
                     if retention_task.as_ref().is_none_or(JoinHandle::is_finished) {
                         let keep = retention.expect("guarded");

@@ -358,6 +358,44 @@ pub fn append_entry(
     Ok(Appended { entry, head })
 }
 
+/// Signs a new head over the entries appended since the last one (by members of the data
+/// dir's group, who may not rewrite the head, or by users who could not read the key), so
+/// that a later truncation of them is detected. The agent calls it hourly. Nothing is
+/// signed over a log that does not verify (a changed, removed or truncated entry): that is
+/// an error naming the first problem. Returns the number of entries newly covered (0 when
+/// the head already covered them all, or there is no log).
+pub fn sign_head(dir: &Path, signer: &SignerKey) -> Result<u64, AuditError> {
+    let log_path = dir.join(AUDIT_LOG);
+    let mut log = match OpenOptions::new().read(true).write(true).open(&log_path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(AuditError::io("open", &log_path, e)),
+    };
+    // Appends wait meanwhile, so the head signed is that of the log checked.
+    log.lock()
+        .map_err(|e| AuditError::io("lock", &log_path, e))?;
+    let report = verify(dir, None)?;
+    if let Some(p) = report.problems.first() {
+        return Err(AuditError::Damaged {
+            path: log_path,
+            message: format!("not signing its head: {p}"),
+        });
+    }
+    let Some((from, to)) = report.uncovered else {
+        return Ok(0);
+    };
+    let tail = read_last_line(&mut log).map_err(|e| AuditError::io("read", &log_path, e))?;
+    let Some(line) = tail.line else {
+        return Ok(0);
+    };
+    let access = Access::for_data_dir(dir).map_err(AuditError::Config)?;
+    match write_head(dir, to, &line, Some(signer), &access) {
+        HeadUpdate::Written => Ok(to + 1 - from),
+        HeadUpdate::Failed(e) => Err(e),
+        HeadUpdate::NotPermitted | HeadUpdate::KeptSigned => Ok(0),
+    }
+}
+
 /// Sets up the audit log of data directory `dir` for the members of `access`'s group, so
 /// that their queries can be audited (the writer calls it when it opens `dir`: the agent and
 /// `nattrace import`). Does nothing without a group. A missing `dir/audit.log` is created
@@ -1386,6 +1424,28 @@ mod tests {
                 dir.path().join(AUDIT_HEAD).display()
             )]
         );
+    }
+
+    #[test]
+    fn sign_head_covers_unsigned_appends_and_refuses_a_broken_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = SignerKey::generate("host-a").unwrap();
+        assert_eq!(sign_head(dir.path(), &key).unwrap(), 0, "no log yet");
+        append_n(dir.path(), 2, Some(&key));
+        append_n(dir.path(), 3, None);
+        assert_eq!(sign_head(dir.path(), &key).unwrap(), 3);
+        let r = verify(dir.path(), Some(&key.verifier())).unwrap();
+        assert!(r.is_intact(), "{r:?}");
+        assert_eq!((r.head_entries, r.uncovered), (Some(5), None));
+        assert_eq!(sign_head(dir.path(), &key).unwrap(), 0, "nothing new");
+        // Never over a changed entry.
+        append_n(dir.path(), 1, None);
+        let mut lines = log_lines(dir.path());
+        lines[1] = lines[1].replace("\"results\":2", "\"results\":9");
+        write_lines(dir.path(), &lines);
+        let e = sign_head(dir.path(), &key).unwrap_err().to_string();
+        assert!(e.contains("not signing its head"), "{e}");
+        assert_eq!(verify(dir.path(), None).unwrap().head_entries, Some(5));
     }
 
     #[test]
