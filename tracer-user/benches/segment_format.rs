@@ -74,6 +74,7 @@ use tracer_user::storage::{Search, Snapshot as Found, search};
 use tracer_user::cliparse::format_endpoint;
 use tracer_user::evidence::check::verify_bundle;
 use tracer_user::evidence::export::{ExportArgs, export};
+use tracer_user::query::Question;
 use tracer_user::signing::{SignerKey, write_key_pair};
 
 /// Point questions also exported as evidence bundles.
@@ -1230,14 +1231,12 @@ fn export_report(
             out: out.clone(),
             reason: None,
             sign_key: Some(key_file.clone()),
-            external: Some(format_endpoint((k.external.0, Some(k.external.1)))),
-            internal: None,
-            destination: None,
-            at: None,
-            slack: None,
-            from: Some(at.clone()),
-            to: Some(at),
-            proto: None,
+            question: Question {
+                external: Some(format_endpoint((k.external.0, Some(k.external.1)))),
+                from: Some(at.clone()),
+                to: Some(at),
+                ..Question::default()
+            },
         };
         // Once to cache and to sign the checkpoints it needs (the benchmark's segments have
         // none), then timed.

@@ -29,6 +29,27 @@ pub struct QueryArgs {
     /// Data directory written by the agent.
     #[arg(long, env = "NATTRACE_DATA_DIR", value_name = "DIR")]
     pub data_dir: PathBuf,
+    /// The question: conditions and time.
+    #[command(flatten)]
+    pub question: Question,
+    /// Case the question belongs to, recorded in the audit log (required when the data
+    /// directory's nattrace.toml says require_case = true).
+    #[arg(long, value_name = "ID")]
+    pub case: Option<String>,
+    /// Why the question is asked, recorded in the audit log (required for a window longer
+    /// than the data directory's max_window, 24h by default).
+    #[arg(long, value_name = "TEXT")]
+    pub reason: Option<String>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
+}
+
+/// The question as flags, shared by `nattrace query` and `nattrace export`: at least one of
+/// `--external`, `--internal` and `--destination` (all given must hold), and a time (`--at`
+/// with `--slack`, or `--from` and `--to`).
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct Question {
     /// Public address, with or without port (203.0.113.7:40123, 203.0.113.7, [2001:db8::1]:40123):
     /// who held it. Without a port: every binding of the address, and how many subscribers.
     #[arg(long, value_name = "IP[:PORT]", required_unless_present_any = ["internal", "destination"])]
@@ -54,17 +75,6 @@ pub struct QueryArgs {
     /// Only this protocol: tcp, udp, icmp, icmpv6, or a number.
     #[arg(long, value_name = "P")]
     pub proto: Option<String>,
-    /// Case the question belongs to, recorded in the audit log (required when the data
-    /// directory's nattrace.toml says require_case = true).
-    #[arg(long, value_name = "ID")]
-    pub case: Option<String>,
-    /// Why the question is asked, recorded in the audit log (required for a window longer
-    /// than the data directory's max_window, 24h by default).
-    #[arg(long, value_name = "TEXT")]
-    pub reason: Option<String>,
-    /// Output format.
-    #[arg(long, value_enum, default_value_t = Format::Table)]
-    pub format: Format,
 }
 
 /// A parsed query: bindings matching `search` whose interval overlaps its window.
@@ -77,6 +87,11 @@ pub struct Query {
 impl Query {
     /// Checks the command-line values; errors name the flag and the value.
     pub fn from_args(args: &QueryArgs) -> Result<Self, UserError> {
+        Self::from_question(&args.question)
+    }
+
+    /// [`Query::from_args`] for the question alone.
+    pub fn from_question(args: &Question) -> Result<Self, UserError> {
         let proto = args
             .proto
             .as_deref()

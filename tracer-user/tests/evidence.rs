@@ -17,7 +17,7 @@ use tracer_user::evidence::export::{ExportArgs, export};
 use tracer_user::evidence::{Files, MANIFEST, PROOFS, RECORDS_CSV};
 use tracer_user::exit::{Status, UserError};
 use tracer_user::output::Format;
-use tracer_user::query::{self, QueryArgs};
+use tracer_user::query::{self, QueryArgs, Question};
 use tracer_user::signing::{self, Note, SignerKey, VerifierKey};
 use tracer_user::storage::{Writer, WriterOptions};
 
@@ -131,20 +131,25 @@ fn export_args(
         out: out.to_owned(),
         reason: None,
         sign_key: Some(lab.key_file.clone()),
-        external: Some(external.to_owned()),
-        internal: None,
-        destination: None,
-        at: at.map(str::to_owned),
-        slack: at.map(|_| "2s".to_owned()),
-        from: window.map(|w| w.0.to_owned()),
-        to: window.map(|w| w.1.to_owned()),
-        proto: None,
+        question: Question {
+            external: Some(external.to_owned()),
+            at: at.map(str::to_owned),
+            slack: at.map(|_| "2s".to_owned()),
+            from: window.map(|w| w.0.to_owned()),
+            to: window.map(|w| w.1.to_owned()),
+            ..Question::default()
+        },
     }
 }
 
 fn query_csv(args: &ExportArgs, now: i64) -> Vec<u8> {
-    let mut q: QueryArgs = args.query_args();
-    q.format = Format::Csv;
+    let q = QueryArgs {
+        data_dir: args.data_dir.clone(),
+        question: args.question.clone(),
+        case: Some(args.case.clone()),
+        reason: args.reason.clone(),
+        format: Format::Csv,
+    };
     let mut out = Vec::new();
     let mut err = Vec::new();
     let _ = query::execute(&q, now, &mut out, &mut err).unwrap();

@@ -24,7 +24,7 @@ use crate::binding::Binding;
 use crate::config;
 use crate::coverage::Coverage;
 use crate::exit::{Status, UserError};
-use crate::query::{self, Query, QueryArgs};
+use crate::query::{self, Query, Question};
 use crate::signing::{self, SignerKey};
 use crate::storage::checkpoint::{self, Checkpoint};
 use crate::storage::columnar::{self, FileReader, SealedSegment};
@@ -51,51 +51,9 @@ pub struct ExportArgs {
     /// The producer's private key [default: sign_key of DIR/nattrace.toml].
     #[arg(long, value_name = "FILE")]
     pub sign_key: Option<PathBuf>,
-    /// Public address, with or without port: who held it.
-    #[arg(long, value_name = "IP[:PORT]", required_unless_present_any = ["internal", "destination"])]
-    pub external: Option<String>,
-    /// Subscriber address, with or without port.
-    #[arg(long, value_name = "IP[:PORT]")]
-    pub internal: Option<String>,
-    /// Remote peer (server) address, with or without port.
-    #[arg(long, value_name = "IP[:PORT]")]
-    pub destination: Option<String>,
-    /// Point in time: RFC 3339 or unix seconds.
-    #[arg(long, value_name = "TIME", conflicts_with_all = ["from", "to"], required_unless_present = "from")]
-    pub at: Option<String>,
-    /// Tolerance around --at [default: 2s].
-    #[arg(long, value_name = "DUR", requires = "at")]
-    pub slack: Option<String>,
-    /// Window start: RFC 3339 or unix seconds.
-    #[arg(long, value_name = "TIME", requires = "to")]
-    pub from: Option<String>,
-    /// Window end: RFC 3339 or unix seconds.
-    #[arg(long, value_name = "TIME", requires = "from")]
-    pub to: Option<String>,
-    /// Only this protocol: tcp, udp, icmp, icmpv6, or a number.
-    #[arg(long, value_name = "P")]
-    pub proto: Option<String>,
-}
-
-impl ExportArgs {
-    /// The same question as `nattrace query` flags.
-    #[must_use]
-    pub fn query_args(&self) -> QueryArgs {
-        QueryArgs {
-            data_dir: self.data_dir.clone(),
-            external: self.external.clone(),
-            internal: self.internal.clone(),
-            destination: self.destination.clone(),
-            at: self.at.clone(),
-            slack: self.slack.clone(),
-            from: self.from.clone(),
-            to: self.to.clone(),
-            proto: self.proto.clone(),
-            format: crate::output::Format::Csv,
-            case: Some(self.case.clone()),
-            reason: self.reason.clone(),
-        }
-    }
+    /// The question, as `nattrace query` takes it.
+    #[command(flatten)]
+    pub question: Question,
 }
 
 /// What an export wrote.
@@ -164,7 +122,7 @@ pub fn export(args: &ExportArgs, now: i64, err: &mut dyn Write) -> anyhow::Resul
     }
     let dir = &args.data_dir;
     let cfg = crate::proportionality::load_config(dir)?;
-    let query = Query::from_args(&args.query_args())?;
+    let query = Query::from_question(&args.question)?;
     let q = query.search;
     crate::proportionality::check(
         &cfg,

@@ -13,16 +13,14 @@
 //! window <window_start_ns> <window_end_ns>
 //! ```
 
-use std::fs::{self, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::MetadataExt;
+use std::fs;
+use std::io;
 use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 
 use super::merkle::Hash;
-use super::seal::sync_dir;
 use super::{StorageError, segment_name};
 use crate::signing::Note;
 
@@ -242,30 +240,11 @@ pub fn checkpoint_path(seg_dir: &Path, seq: u32) -> PathBuf {
 /// fsync the directory. The file has mode 0640 (whatever the umask); a checkpoint that is
 /// replaced (by `nattrace cosign`) keeps its group where the caller may set it.
 pub fn write_checkpoint(seg_dir: &Path, seq: u32, note: &Note) -> Result<PathBuf, StorageError> {
-    let path = checkpoint_path(seg_dir, seq);
-    let tmp = seg_dir.join(format!("{}.tmp", segment_name(seq, CHECKPOINT_EXT)));
-    // Mode exactly 0640 and the data directory's group (`crate::access`). The cosigner may
-    // run as another user: its group cannot then be set, the file keeps the old one.
-    let old_gid = fs::metadata(&path).ok().map(|m| m.gid());
-    let _ = fs::remove_file(&tmp);
-    let access = crate::access::of_segments_dir(seg_dir)?;
-    let mut options = OpenOptions::new();
-    options.write(true).create_new(true);
-    let mut f = crate::access::create_file(&tmp, &options, &access)
-        .map_err(|e| StorageError::io("create", &tmp, e))?;
-    if access.gid.is_none()
-        && let Some(gid) = old_gid
-    {
-        // Best effort: only the owner in that group, or root, may give the file its group.
-        let _ = std::os::unix::fs::fchown(&f, None, Some(gid));
-    }
-    f.write_all(note.encode().as_bytes())
-        .and_then(|()| f.sync_all())
-        .map_err(|e| StorageError::io("write", &tmp, e))?;
-    drop(f);
-    fs::rename(&tmp, &path).map_err(|e| StorageError::io("rename", &tmp, e))?;
-    sync_dir(seg_dir).map_err(|e| StorageError::io("fsync", seg_dir, e))?;
-    Ok(path)
+    super::seal::replace_file(
+        seg_dir,
+        &segment_name(seq, CHECKPOINT_EXT),
+        note.encode().as_bytes(),
+    )
 }
 
 /// Reads segment `seq`'s checkpoint: `None` if there is none. A file that is not a signed

@@ -23,18 +23,12 @@ pub const BINDING_TYPE: u8 = 0x01;
 /// First byte of a segment's coverage-events leaf.
 pub const EVENTS_TYPE: u8 = 0x02;
 
-/// Bits of the flags byte (offset 2).
+/// Bits of the flags byte (offset 2): bits 0 to 4 are those of the stored flags column
+/// (`columnar::flag`), bit 5 says whether the binding has ended.
 pub mod flag {
-    /// The start is approximate.
-    pub const START_APPROXIMATE: u8 = 1 << 0;
-    /// The end is approximate.
-    pub const END_APPROXIMATE: u8 = 1 << 1;
-    /// Original-direction counters are present.
-    pub const ORIG_COUNTERS: u8 = 1 << 2;
-    /// Reply-direction counters are present.
-    pub const REPLY_COUNTERS: u8 = 1 << 3;
-    /// The row was carried from the previous segment (open when this one began).
-    pub const CARRIED: u8 = 1 << 4;
+    pub use crate::storage::columnar::flag::{
+        CARRIED, END_APPROXIMATE, ORIG_COUNTERS, REPLY_COUNTERS, START_APPROXIMATE,
+    };
     /// The binding has ended (the end field holds its end).
     pub const ENDED: u8 = 1 << 5;
     /// All defined bits.

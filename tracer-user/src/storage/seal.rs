@@ -8,6 +8,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use foldhash::HashMap;
@@ -193,8 +194,17 @@ pub fn seal_log(
 /// Writes a sealed segment: `.seg.tmp` (mode 0640, the data directory's group: see
 /// [`crate::access`]), fsync, rename to `.seg`, fsync the directory.
 pub fn write_sealed(seg_dir: &Path, seq: u32, bytes: &[u8]) -> Result<PathBuf, StorageError> {
-    let path = seg_dir.join(segment_name(seq, SEALED_EXT));
-    let tmp = seg_dir.join(format!("{}.tmp", segment_name(seq, SEALED_EXT)));
+    replace_file(seg_dir, &segment_name(seq, SEALED_EXT), bytes)
+}
+
+/// Writes `bytes` as `seg_dir/name` so that a reader sees the old file or the whole new one:
+/// `name.tmp` (mode 0640 and the data directory's group, `crate::access`), fsync, rename over
+/// `name`, fsync the directory. Without a configured group, a file replaced keeps its group
+/// (best effort: only its owner in that group, or root, may give it).
+pub fn replace_file(seg_dir: &Path, name: &str, bytes: &[u8]) -> Result<PathBuf, StorageError> {
+    let path = seg_dir.join(name);
+    let tmp = seg_dir.join(format!("{name}.tmp"));
+    let old_gid = fs::metadata(&path).ok().map(|m| m.gid());
     let access = access::of_segments_dir(seg_dir)?;
     let mut f = access::create_file(
         &tmp,
@@ -202,6 +212,11 @@ pub fn write_sealed(seg_dir: &Path, seq: u32, bytes: &[u8]) -> Result<PathBuf, S
         &access,
     )
     .map_err(|e| StorageError::io("create", &tmp, e))?;
+    if access.gid.is_none()
+        && let Some(gid) = old_gid
+    {
+        let _ = std::os::unix::fs::fchown(&f, None, Some(gid));
+    }
     f.write_all(bytes)
         .and_then(|()| f.sync_all())
         .map_err(|e| StorageError::io("write", &tmp, e))?;
