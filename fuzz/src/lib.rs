@@ -75,3 +75,54 @@ pub fn assert_storable(bindings: &[Binding]) {
 pub fn shown(e: impl std::fmt::Display) {
     let _ = e.to_string();
 }
+
+/// The producer key of the `bundle_verify` seeds and of the bundles that target signs.
+///
+/// A TEST KEY, public in this repository: nothing it signs proves anything. Never configure
+/// it as a data directory's `sign_key`. (Made once with `nattrace keygen --name
+/// nattrace-fuzz-test`; fixed so that the checked-in seeds verify with it.)
+pub const TEST_SIGNER_KEY: &str =
+    "PRIVATE+KEY+nattrace-fuzz-test+d0b62f3d+Admw42A1cFnI6lBAvNQ9PrzucD3dm+5InMkrUbNfaSJw";
+
+/// [`TEST_SIGNER_KEY`], parsed.
+#[must_use]
+pub fn test_signer() -> tracer_user::signing::SignerKey {
+    tracer_user::signing::SignerKey::parse(TEST_SIGNER_KEY).expect("the test key parses")
+}
+
+/// Modification time of the archives made from the files form ([`parse_files_form`]).
+pub const FILES_FORM_MTIME: u64 = 1_793_700_000;
+
+/// A bundle's files in the "files form" the `bundle_verify` target also reads: for each
+/// file a NUL byte, its name, a newline, then its contents. Bundles hold text only, so the
+/// fuzzer can insert and remove bytes in it without breaking the container (in a tar
+/// archive any change of size also needs the header's size and checksum changed).
+#[must_use]
+pub fn files_form(files: &tracer_user::evidence::Files) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (name, data) in &files.entries {
+        out.push(0);
+        out.extend_from_slice(name.as_bytes());
+        out.push(b'\n');
+        out.extend_from_slice(data);
+    }
+    out
+}
+
+/// The files of a [`files_form`] input (what precedes the first NUL is ignored); `None`
+/// when it names none.
+#[must_use]
+pub fn parse_files_form(data: &[u8]) -> Option<tracer_user::evidence::Files> {
+    let mut files = tracer_user::evidence::Files::default();
+    for part in data.split(|&c| c == 0).skip(1) {
+        let (name, contents) = match part.iter().position(|&c| c == b'\n') {
+            Some(i) => (&part[..i], &part[i + 1..]),
+            None => (part, &part[part.len()..]),
+        };
+        if !name.is_empty() {
+            let name = String::from_utf8_lossy(name).into_owned();
+            files.entries.push((name, contents.to_vec()));
+        }
+    }
+    (!files.entries.is_empty()).then_some(files)
+}

@@ -1,7 +1,8 @@
-//! Writes the seed inputs of the `segment_decoder` fuzz target into `DIR/segment_decoder/`
-//! (`make_seeds DIR`): small valid files of every layout the decoders read, made by the
-//! encoders themselves, so the seeds follow the format without binaries in the repository.
+//! Writes the seed inputs of fuzz targets into `DIR/TARGET/` (`make_seeds DIR [TARGET...]`,
+//! all of them when none is named): valid inputs made by the encoders and the export code
+//! themselves, so that the seeds follow the formats without binaries in the repository.
 //!
+//! `segment_decoder`: small valid files of every layout the decoders read:
 //! - `sealed.seg`: a columnar segment (`NATTRCOL`) with IPv4, IPv6, ICMP, DNAT-only (raw
 //!   tuples), open, carried and approximate rows, and one coverage event of each kind;
 //! - `sealed-empty.seg`: a columnar segment without rows or events;
@@ -11,19 +12,39 @@
 //! - `legacy.seg`: a first-format segment (`NATTRSEG`) with a seal frame;
 //! - `active.log`: a log (`NATTRLOG`) with a carried binding and no seal.
 //!
+//! `bundle_verify`: evidence bundles written by `evidence::export` from a data directory
+//! made by `storage::Writer` (in a temporary directory), signed with the test key
+//! `nattrace_fuzz::TEST_SIGNER_KEY`; each as the archive (`NAME.nattrace`) and in the files
+//! form the target also reads (`NAME.files`, see `nattrace_fuzz::files_form`):
+//! - `point`: a point query (`--external IP:PORT --at T`), one binding in one segment;
+//! - `carried`: a window over a binding open across a rotation: its rows in two segments,
+//!   two checkpoints chained;
+//! - `internal-udp`: `--internal IP --proto udp` over a window with a loss of events, so the
+//!   bundle's coverage has a gap; three segments.
+//!
+//! The checked-in copies in `fuzz/seeds/bundle_verify/` are refreshed with
+//! `make_seeds fuzz/seeds bundle_verify` (a bundle holds the export time and user, and the
+//! data directory's random writer id, so each run writes other bytes).
+//!
 //! Not a fuzz target: cargo-fuzz builds it with the targets (`cargo fuzz build`), and
 //! `cargo xtask fuzz` runs it before fuzzing.
 
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use tracer_user::binding::{
     Binding, Counters, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, IPS_CONFIRMED, IPS_DST_NAT,
     IPS_SRC_NAT, StartSource, Tuple,
 };
+use tracer_user::evidence::Files;
+use tracer_user::evidence::check::verify_bundle;
+use tracer_user::evidence::export::{ExportArgs, export};
+use tracer_user::query::Question;
+use tracer_user::signing;
 use tracer_user::storage::columnar::{self, Row, SegmentHeader};
 use tracer_user::storage::segment::{self, Header, Seal};
-use tracer_user::storage::{CoverageEvent, LossCause};
+use tracer_user::storage::{CoverageEvent, LossCause, Writer, WriterOptions};
 
 const T0: i64 = 1_793_614_447_000_000_000; // 2026-11-02T10:14:07Z
 const S: i64 = 1_000_000_000;
@@ -209,13 +230,42 @@ fn log(log: bool, bindings: &[Binding], events: &[CoverageEvent]) -> Vec<u8> {
     out
 }
 
-fn main() -> std::io::Result<()> {
-    let Some(dir) = std::env::args_os().nth(1).map(PathBuf::from) else {
-        eprintln!("usage: make_seeds DIR (writes DIR/segment_decoder/*)");
+/// The targets `make_seeds` writes seeds for.
+const TARGETS: &[&str] = &["segment_decoder", "bundle_verify"];
+
+type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
+
+fn main() -> Result<()> {
+    let mut args = std::env::args_os().skip(1);
+    let Some(dir) = args.next().map(PathBuf::from) else {
+        eprintln!("usage: make_seeds DIR [TARGET...] (writes DIR/TARGET/*; targets: {TARGETS:?})");
         std::process::exit(2);
     };
-    let dir = dir.join("segment_decoder");
-    std::fs::create_dir_all(&dir)?;
+    let only: Vec<String> = args.map(|a| a.to_string_lossy().into_owned()).collect();
+    if let Some(t) = only.iter().find(|t| !TARGETS.contains(&t.as_str())) {
+        eprintln!("make_seeds: no seeds for {t:?}; the targets are {TARGETS:?}");
+        std::process::exit(2);
+    }
+    for target in TARGETS {
+        if !only.is_empty() && !only.iter().any(|t| t == target) {
+            continue;
+        }
+        let dir = dir.join(target);
+        std::fs::create_dir_all(&dir)?;
+        let seeds = match *target {
+            "segment_decoder" => segment_decoder_seeds(),
+            _ => bundle_verify_seeds()?,
+        };
+        let n = seeds.len();
+        for (name, bytes) in seeds {
+            std::fs::write(dir.join(name), bytes)?;
+        }
+        eprintln!("make_seeds: wrote {n} seeds into {}", dir.display());
+    }
+    Ok(())
+}
+
+fn segment_decoder_seeds() -> Vec<(String, Vec<u8>)> {
     let (bindings, events) = (bindings(), events());
     let file = sealed(&bindings, &events);
     let seg = columnar::SealedSegment::open(&file).expect("the encoder's segment opens");
@@ -245,10 +295,202 @@ fn main() -> std::io::Result<()> {
         ("legacy.seg", log(false, &bindings, &events)),
         ("active.log", log(true, &bindings[..2], &events[..2])),
     ];
-    let n = seeds.len();
-    for (name, bytes) in seeds {
-        std::fs::write(dir.join(name), bytes)?;
+    seeds
+        .into_iter()
+        .map(|(name, bytes)| (name.to_owned(), bytes))
+        .collect()
+}
+
+/// 2026-11-02T10:00:00Z: the bundle seeds' bindings start from here.
+const B0: i64 = 1_793_613_600 * S;
+
+/// Binding `i` of the bundle seeds' data directory: subscriber 100.64.0.(i % 3 + 1), public
+/// 203.0.113.(i % 2 + 1) port 20000 + i % 5, starting at B0 + 10 i s, lasting 4 s; UDP for
+/// i = 6, TCP otherwise.
+fn lab_binding(id: u64, i: u64) -> Binding {
+    let start = B0 + i as i64 * 10 * S;
+    let udp = i == 6;
+    let dst = ip("198.51.100.20");
+    let dst_port = if udp { 53 } else { 443 };
+    let ext = ip(&format!("203.0.113.{}", i % 2 + 1));
+    Binding {
+        id,
+        proto: if udp { IPPROTO_UDP } else { IPPROTO_TCP },
+        status: IPS_SRC_NAT | IPS_CONFIRMED,
+        orig: Tuple {
+            src: ip(&format!("100.64.0.{}", i % 3 + 1)),
+            dst,
+            src_port: 40_000 + i as u16,
+            dst_port,
+        },
+        reply: Tuple {
+            src: dst,
+            dst: ext,
+            src_port: dst_port,
+            dst_port: 20_000 + (i % 5) as u16,
+        },
+        start_ns: start,
+        end_ns: Some(start + 4 * S),
+        orig_counters: Some(Counters {
+            packets: 10 + i,
+            bytes: 1_000 + i,
+        }),
+        reply_counters: Some(Counters {
+            packets: 8,
+            bytes: 800,
+        }),
+        ..Binding::EMPTY
     }
-    eprintln!("make_seeds: wrote {n} seeds into {}", dir.display());
+}
+
+/// A data directory in `dir`: ten bindings through the agent's writer, four binding records
+/// a segment, binding 3 written open and ended 25 s later (carried over a rotation), a loss
+/// of events at B0 + 75 s; every segment sealed and signed with the test key.
+fn lab(dir: &Path) -> Result<()> {
+    let options = WriterOptions {
+        max_segment_records: 4,
+        ..WriterOptions::default()
+    };
+    let mut w = Writer::open_with_options(dir, options)?;
+    w.sign_with(Arc::new(nattrace_fuzz::test_signer()))?;
+    w.append_event(CoverageEvent::AgentStart {
+        t_ns: B0 - 5 * S,
+        pid: 4242,
+    });
+    w.append_event(CoverageEvent::Attached {
+        t_ns: B0 - 4 * S,
+        backend: "netfilter".to_owned(),
+    });
+    let mut carried = None;
+    for i in 0..10 {
+        let id = w.next_binding_id();
+        let mut b = lab_binding(id, i);
+        if i == 3 {
+            let mut open = b.clone();
+            open.end_ns = None;
+            w.append_binding(&open);
+            b.end_ns = Some(b.start_ns + 25 * S);
+            carried = Some(b);
+        } else {
+            w.append_binding(&b);
+        }
+        if i == 5
+            && let Some(c) = carried.take()
+        {
+            w.append_binding(&c);
+        }
+        if i == 7 {
+            w.append_event(CoverageEvent::Loss {
+                t_ns: B0 + 75 * S,
+                cause: LossCause::RingFull,
+                count: 2,
+                detail: "ring buffer full".to_owned(),
+            });
+        }
+        w.append_event(CoverageEvent::Heartbeat {
+            t_ns: B0 + i as i64 * 10 * S + 5 * S,
+        });
+        w.flush()?;
+    }
+    w.append_event(CoverageEvent::Detached { t_ns: B0 + 100 * S });
+    w.append_event(CoverageEvent::AgentStop { t_ns: B0 + 101 * S });
+    w.close()?;
     Ok(())
+}
+
+/// Seconds since the epoch of B0 + `plus_s`, as `--at`, `--from` and `--to` take them.
+fn lab_time(plus_s: i64) -> String {
+    ((B0 + plus_s * S) / S).to_string()
+}
+
+fn bundle_verify_seeds() -> Result<Vec<(String, Vec<u8>)>> {
+    let tmp = std::env::temp_dir().join(format!("nattrace-make-seeds-{}", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp)?;
+    }
+    let result = bundle_seeds_in(&tmp);
+    let _ = std::fs::remove_dir_all(&tmp);
+    result
+}
+
+fn bundle_seeds_in(tmp: &Path) -> Result<Vec<(String, Vec<u8>)>> {
+    let data = tmp.join("data");
+    lab(&data)?;
+    let (key_file, _) = signing::write_key_pair(&tmp.join("keys"), &nattrace_fuzz::test_signer())?;
+    let now = B0 + 86_400 * S;
+    let export_args = |name: &str, question: Question| ExportArgs {
+        data_dir: data.clone(),
+        case: format!("FUZZ-SEED-{name}"),
+        out: tmp.join(format!("{name}.nattrace")),
+        reason: None,
+        sign_key: Some(key_file.clone()),
+        question,
+    };
+    let point = export_args(
+        "point",
+        Question {
+            external: Some("203.0.113.2:20001".to_owned()),
+            at: Some(lab_time(11)),
+            slack: Some("2s".to_owned()),
+            ..Question::default()
+        },
+    );
+    let carried = export_args(
+        "carried",
+        Question {
+            external: Some("203.0.113.2".to_owned()),
+            from: Some(lab_time(30)),
+            to: Some(lab_time(40)),
+            ..Question::default()
+        },
+    );
+    let internal_udp = export_args(
+        "internal-udp",
+        Question {
+            internal: Some("100.64.0.1".to_owned()),
+            proto: Some("udp".to_owned()),
+            from: Some(lab_time(60)),
+            to: Some(lab_time(90)),
+            ..Question::default()
+        },
+    );
+    let mut seeds = Vec::new();
+    for args in [point, carried, internal_udp] {
+        let mut err = Vec::new();
+        let e = export(&args, now, &mut err).map_err(|e| {
+            format!(
+                "export of {}: {e:#} ({})",
+                args.out.display(),
+                String::from_utf8_lossy(&err).trim()
+            )
+        })?;
+        let bundle = std::fs::read(&e.path)?;
+        let report = verify_bundle(&bundle, &nattrace_fuzz::test_signer().verifier(), &[]);
+        if !report.is_verified() || e.manifest.bindings == 0 {
+            return Err(format!(
+                "{}: {} bindings, problems {:?}",
+                e.path.display(),
+                e.manifest.bindings,
+                report.problems
+            )
+            .into());
+        }
+        let name = e
+            .path
+            .file_stem()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        let files = Files::read_tar(bundle.as_slice())?;
+        eprintln!(
+            "make_seeds: {name}: {} bytes, {} bindings, {} records, {} segments",
+            bundle.len(),
+            e.manifest.bindings,
+            e.manifest.records,
+            e.manifest.segments.len()
+        );
+        seeds.push((format!("{name}.files"), nattrace_fuzz::files_form(&files)));
+        seeds.push((format!("{name}.nattrace"), bundle));
+    }
+    Ok(seeds)
 }

@@ -10,8 +10,8 @@ use std::io::Write;
 use serde::Serialize;
 
 use super::{
-    BUNDLE_FORMAT, CHECKPOINTS_DIR, Files, MANIFEST, Manifest, PRODUCER_KEY, PROOFS, ProofLine,
-    RECORDS_CSV, RECORDS_JSONL, hex, merge_rows, render_records, sha256_hex, unhex,
+    BUNDLE_FORMAT, CHECKPOINTS_DIR, Files, GUIDE, MANIFEST, Manifest, PRODUCER_KEY, PROOFS,
+    ProofLine, RECORDS_CSV, RECORDS_JSONL, hex, merge_rows, render_records, sha256_hex, unhex,
 };
 use crate::binding::Binding;
 use crate::coverage::Coverage;
@@ -68,20 +68,8 @@ impl BundleReport {
 #[must_use]
 pub fn verify_bundle(bytes: &[u8], key: &VerifierKey, witnesses: &[VerifierKey]) -> BundleReport {
     let mut r = BundleReport::default();
-    let files = match Files::read_tar_with_mtime(bytes) {
-        Ok((f, mtime)) => {
-            // The container is canonical: written again, it must be the same bytes, so that
-            // no byte outside the files (headers, padding, trailing data) can change either.
-            let mut again = Vec::with_capacity(bytes.len());
-            if f.write_tar(&mut again, mtime).is_err() || again != bytes {
-                r.problems.push(
-                    "the archive was altered outside its files (tar headers, padding or trailing \
-                     bytes differ from the canonical form nattrace export writes)"
-                        .to_owned(),
-                );
-            }
-            f
-        }
+    let files = match Files::read_tar(bytes) {
+        Ok(f) => f,
         Err(e) => {
             r.problems.push(format!("not a readable bundle: {e}"));
             return r;
@@ -142,6 +130,40 @@ pub fn verify_bundle(bytes: &[u8], key: &VerifierKey, witnesses: &[VerifierKey])
     r.query = Some(m.query.clone());
     r.exported_at = Some(m.exported_at.clone());
     r.exported_by = Some(m.exported_by.clone());
+
+    // The container is canonical: the files in the order export writes them, each stamped
+    // with the export's time. Written again so, it must be the very same bytes, so that no
+    // byte outside the files (headers, order, padding, trailing data) can change either,
+    // and the bundle keeps the SHA-256 the audit log recorded.
+    let mtime = chrono::DateTime::parse_from_rfc3339(&m.exported_at)
+        .ok()
+        .and_then(|t| u64::try_from(t.timestamp()).ok());
+    let mut canonical = Files::default();
+    for name in [
+        MANIFEST,
+        GUIDE,
+        PRODUCER_KEY,
+        PROOFS,
+        RECORDS_CSV,
+        RECORDS_JSONL,
+    ]
+    .into_iter()
+    .map(str::to_owned)
+    .chain(m.segments.iter().map(|s| checkpoint_entry(s.seq)))
+    {
+        if let Some(data) = files.get(&name) {
+            canonical.entries.push((name, data.to_vec()));
+        }
+    }
+    let mut again = Vec::with_capacity(bytes.len());
+    let same = mtime.is_some_and(|t| canonical.write_tar(&mut again, t).is_ok() && again == bytes);
+    if !same {
+        r.problems.push(
+            "the archive was altered outside its files (tar headers, order, padding or trailing \
+             bytes differ from the canonical form nattrace export writes)"
+                .to_owned(),
+        );
+    }
 
     // Every file is one the manifest names, unaltered.
     let checkpoint_names: BTreeMap<String, u32> = m
@@ -366,6 +388,13 @@ pub fn verify_bundle(bytes: &[u8], key: &VerifierKey, witnesses: &[VerifierKey])
                 r.problems.push(format!("{what}: {e}"));
             }
         }
+    }
+    if leaves.len() as u64 != m.records {
+        r.problems.push(format!(
+            "{PROOFS} holds {} records, the signed manifest counts {}",
+            leaves.len(),
+            m.records
+        ));
     }
     if leaves != m.record_leaves {
         if leaves.len() == m.record_leaves.len() {

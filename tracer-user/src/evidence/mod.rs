@@ -232,7 +232,8 @@ impl Files {
             if files.get(&name).is_some() {
                 return Err(format!("{name}: appears twice"));
             }
-            let mut data = Vec::with_capacity(len as usize);
+            // The header's size is not trusted for an allocation: the bytes must be there.
+            let mut data = Vec::with_capacity(len.min(64 << 10) as usize);
             entry
                 .read_to_end(&mut data)
                 .map_err(|e| format!("{name}: {e}"))?;
