@@ -220,6 +220,13 @@ fn point_query_bundle_verifies_offline_and_holds_only_the_answer() {
     let records = proofs.lines().filter(|l| l.contains("\"record\"")).count();
     assert_eq!(records as u64, e.manifest.records);
     assert!(records >= 1);
+    // The producer's private key is never in a bundle.
+    let secret = fs::read_to_string(&lab.key_file).unwrap();
+    let secret = secret.trim().rsplit('+').next().unwrap();
+    assert!(
+        !String::from_utf8_lossy(&bundle).contains(secret),
+        "the private key is in the bundle"
+    );
     let bytes_in_bundle = bundle.len();
     println!(
         "bundle for one point query: {bytes_in_bundle} bytes ({} records, {} segments)",
