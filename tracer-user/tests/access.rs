@@ -31,9 +31,28 @@ fn other_group() -> Option<(&'static str, u32)> {
 }
 
 fn nattrace() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_nattrace"));
+    let mut c = Command::new(binary());
     c.env("RUST_BACKTRACE", "1").env_remove("NATTRACE_DATA_DIR");
     c
+}
+
+/// The binary under test, copied where uid 65534 can run it: the build tree may sit in a
+/// directory only its owner can enter (a CI clone in a `mktemp -d`, mode 0700). One copy,
+/// replaced by each run (written aside, then renamed over, so a running copy is not hit).
+fn binary() -> PathBuf {
+    static COPY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    COPY.get_or_init(|| {
+        let dir = std::env::temp_dir().join("nattrace-access-test");
+        fs::create_dir_all(&dir).unwrap();
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+        let bin = dir.join("nattrace");
+        let aside = dir.join(format!("nattrace.{}", std::process::id()));
+        fs::copy(env!("CARGO_BIN_EXE_nattrace"), &aside).unwrap();
+        fs::set_permissions(&aside, fs::Permissions::from_mode(0o755)).unwrap();
+        fs::rename(&aside, &bin).unwrap();
+        bin
+    })
+    .clone()
 }
 
 /// A scratch directory anyone may pass through (not list), holding `data`.
