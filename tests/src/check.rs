@@ -217,18 +217,41 @@ impl Tally {
     }
 }
 
-/// `nattrace keygen`, `export` of `f` for `case` at the moment its server saw it, `verify
-/// BUNDLE --key` on a copy in another directory (returns its report); the bundle's CSV must hold `f`'s internal address and
-/// port as the client socket reported them (the truth), and nothing else.
+/// `nattrace keygen --out KEYS --name nattrace-lab`: the producer key pair of a lab run.
+pub fn keygen(bin: &std::path::Path, keys: &std::path::Path) -> anyhow::Result<()> {
+    let out = std::process::Command::new(bin)
+        .arg("keygen")
+        .arg("--out")
+        .arg(keys)
+        .args(["--name", "nattrace-lab"])
+        .output()?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "nattrace keygen exited {:?}: {}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// `nattrace export` of `f` for `case` at the moment its server saw it, signed with the key
+/// pair in `keys` (made with [`keygen`] first when there is none: the checkpoints are then
+/// signed at export), then `nattrace verify BUNDLE --key` on a copy in another directory;
+/// returns its report. The bundle's CSV must hold `f`'s internal address and port as the
+/// client socket reported them (the truth).
 pub fn export_and_verify(
     bin: &std::path::Path,
     data_dir: &std::path::Path,
     f: &FlowTruth,
     case: &str,
+    keys: &std::path::Path,
 ) -> anyhow::Result<String> {
     use std::process::Command;
     let work = tempfile::tempdir()?;
-    let keys = work.path().join("keys");
+    if !keys.join("nattrace.key").exists() {
+        keygen(bin, keys)?;
+    }
     let run = |args: &[&std::ffi::OsStr]| -> anyhow::Result<String> {
         let out = Command::new(bin).args(args).output()?;
         if !out.status.success() {
@@ -243,13 +266,6 @@ pub fn export_and_verify(
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     };
     let os = |s: &str| std::ffi::OsString::from(s);
-    run(&[
-        os("keygen").as_os_str(),
-        os("--out").as_os_str(),
-        keys.as_os_str(),
-        os("--name").as_os_str(),
-        os("nattrace-lab").as_os_str(),
-    ])?;
     let bundle = work.path().join("case.nattrace");
     let external = crate::util::endpoint_arg(f.external);
     let at = TimeArg::Rfc3339.format(f.seen_at);

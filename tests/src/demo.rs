@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::{Context, Result, bail};
 
 use crate::agent::{Agent, Cli, require_bin};
-use crate::check::{TimeArg, export_and_verify, who_held};
+use crate::check::{TimeArg, export_and_verify, keygen, who_held};
 use crate::conntrack_truth::evict_expired;
 use crate::lab::{Lab, LabConfig, Ns, expiry_wait};
 use crate::traffic::{FlowKind, FlowTruth, L4, Servers, TrafficPlan, generate};
@@ -67,12 +67,22 @@ pub fn run(nattrace_bin: &Path) -> Result<()> {
         .prefix("nattrace-demo-")
         .tempdir()?;
     println!(
-        "$ ip netns exec {} nattrace run --data-dir {}",
+        "$ nattrace keygen --out KEYS; ip netns exec {} nattrace run --data-dir {} --sign-key KEYS/nattrace.key",
         lab.ns(Ns::Nat),
         data.path().display()
     );
     let started = SystemTime::now();
-    let mut agent = Agent::start_with(nattrace_bin, &lab, data.path(), &[])?;
+    // The producer's key: the agent signs each segment's checkpoint as it seals it.
+    let keys_dir = tempfile::tempdir()?;
+    let keys = keys_dir.path().join("keys");
+    keygen(nattrace_bin, &keys)?;
+    let key_file = keys.join("nattrace.key");
+    let mut agent = Agent::start_with(
+        nattrace_bin,
+        &lab,
+        data.path(),
+        &["--sign-key", key_file.to_str().context("key path")?],
+    )?;
     let cli = agent.cli.clone();
     println!(
         "agent ready after {:.2} s",
@@ -222,14 +232,14 @@ pub fn run(nattrace_bin: &Path) -> Result<()> {
     );
     let f = &picks[0];
     println!(
-        "$ nattrace keygen --out KEYS; nattrace export --data-dir {} --case DEMO-1 --external {} --at {} --proto {} --sign-key KEYS/nattrace.key --out case.nattrace\n\
+        "$ nattrace export --data-dir {} --case DEMO-1 --external {} --at {} --proto {} --sign-key KEYS/nattrace.key --out case.nattrace\n\
          $ nattrace verify RECEIVED-COPY --key KEYS/nattrace.pub",
         cli.data_dir.display(),
         f.external,
         rfc3339(f.seen_at),
         f.proto_name()
     );
-    match export_and_verify(&cli.bin, &cli.data_dir, f, "DEMO-1") {
+    match export_and_verify(&cli.bin, &cli.data_dir, f, "DEMO-1", &keys) {
         Ok(report) => {
             print!("{}", indent(&report));
             println!(

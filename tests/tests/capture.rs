@@ -248,8 +248,16 @@ fn every_binding_is_captured() {
         "export: one flow's bundle verifies and names its subscriber",
         {
             let f = &flows[0];
-            export_and_verify(&cli.bin, &cli.data_dir, f, "E2E-1")
-                .map(|report| println!("{report}"))
+            // The agent ran without a key: export signs the checkpoints it needs.
+            let keys = tempfile::tempdir().expect("a temporary directory");
+            export_and_verify(
+                &cli.bin,
+                &cli.data_dir,
+                f,
+                "E2E-1",
+                &keys.path().join("keys"),
+            )
+            .map(|report| println!("{report}"))
         },
     );
     tally.finish("every_binding_is_captured");
