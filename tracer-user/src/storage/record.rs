@@ -320,6 +320,57 @@ mod tests {
         assert!(decode(&b).is_err(), "an IPv4 address not IPv4-mapped");
     }
 
+    /// The worked example of FORMAT.md, "Canonical record encoding", byte for byte.
+    #[test]
+    fn format_md_example() {
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        let row = Row {
+            binding: Binding {
+                id: (41 << 32) | 7,
+                proto: 6,
+                status: 0x19e,
+                orig: Tuple {
+                    src: ip("100.64.3.17"),
+                    dst: ip("198.51.100.20"),
+                    src_port: 51234,
+                    dst_port: 443,
+                },
+                reply: Tuple {
+                    src: ip("198.51.100.20"),
+                    dst: ip("203.0.113.7"),
+                    src_port: 443,
+                    dst_port: 40123,
+                },
+                start_ns: 1_793_614_445_123_000_000,
+                end_ns: Some(1_793_614_604_871_000_000),
+                orig_counters: Some(Counters {
+                    packets: 12,
+                    bytes: 1480,
+                }),
+                reply_counters: Some(Counters {
+                    packets: 10,
+                    bytes: 9020,
+                }),
+                ..Binding::EMPTY
+            },
+            carried: false,
+        };
+        let e = encode(&row);
+        assert_eq!(&e[..4], &[0x01, 0x06, 0x2c, 0x00]);
+        assert_eq!(
+            &e[24..40],
+            &[
+                0xc0, 0xd6, 0x90, 0xb9, 0xd5, 0x32, 0xe4, 0x18, 0xc0, 0xdf, 0x49, 0xeb, 0xfa, 0x32,
+                0xe4, 0x18
+            ]
+        );
+        let hex: String = leaf(&row).iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(
+            hex,
+            "c8280099ab7f1e1a06ebe1210c33570107cfc1012a3423f68bcfdad72294d7f4"
+        );
+    }
+
     #[test]
     fn events_leaf_is_typed() {
         let ev = [CoverageEvent::Heartbeat { t_ns: 5 }];
