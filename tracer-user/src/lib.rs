@@ -26,6 +26,7 @@ pub mod import;
 pub mod keygen;
 pub mod output;
 pub mod preflight;
+pub mod probe;
 pub mod proportionality;
 pub mod query;
 pub mod retention;

@@ -43,6 +43,8 @@ enum Command {
     Keygen(tracer_user::keygen::KeygenArgs),
     /// Add a signature by a second key to every checkpoint of a data directory.
     Cosign(tracer_user::cosign::CosignArgs),
+    /// Show which kernel features exist, which backend `nattrace run` would use, and why.
+    Probe(tracer_user::probe::ProbeArgs),
 }
 
 fn main() -> ExitCode {
@@ -62,6 +64,7 @@ fn main() -> ExitCode {
         Command::Audit(args) => audit_cli::run(args),
         Command::Keygen(args) => tracer_user::keygen::run(args),
         Command::Cosign(args) => tracer_user::cosign::run(args),
+        Command::Probe(args) => tracer_user::probe::run(args),
     };
     match result {
         Ok(status) => ExitCode::from(status as u8),
