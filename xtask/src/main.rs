@@ -1,10 +1,11 @@
-//! Developer and CI tasks for nattrace. `cargo xtask setup | build | test | fuzz | demo | bench`.
+//! Developer and CI tasks for nattrace. `cargo xtask setup | build | test | fuzz | demo | bench | vm-test`.
 //!
 //! Every task that needs the toolchain or system packages runs `setup` first; `setup` is
 //! idempotent and does only what is missing.
 
 mod fuzz;
 mod setup;
+mod vm;
 
 use std::{
     path::{Path, PathBuf},
@@ -52,6 +53,13 @@ enum Task {
     /// Measure the agent's per-binding cost against decoding alone, and the NAT's
     /// new-binding rate with and without the tracer, each in the same run.
     Bench,
+    /// The end-to-end capture check inside Debian kernels (trixie 6.12, bookworm 6.1,
+    /// bullseye 5.10) under qemu; prints one line per kernel and backend.
+    VmTest {
+        /// Kernels to test (default: all of them).
+        #[arg(long = "kernel", value_parser = clap::builder::PossibleValuesParser::new(vm::KERNEL_NAMES))]
+        kernels: Vec<String>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -73,6 +81,11 @@ fn main() -> anyhow::Result<()> {
             setup::run()?;
             let bin = build_release()?;
             nattrace_e2e::demo::run(&bin)?;
+        }
+        Task::VmTest { kernels } => {
+            require_root("vm-test")?;
+            setup::run()?;
+            vm::run(&kernels)?;
         }
         Task::Bench => {
             require_root("bench")?;
