@@ -27,7 +27,7 @@ pub fn run() -> anyhow::Result<()> {
     ensure_nightly_with_rust_src()?;
     ensure_bpf_linker()?;
     ensure_cargo_fuzz()?;
-    ensure_debian_packages()?;
+    ensure_debian_packages("setup", DEBIAN_PACKAGES)?;
     Ok(())
 }
 
@@ -208,8 +208,10 @@ fn link(target: &Path, at: &Path) -> anyhow::Result<()> {
     std::os::unix::fs::symlink(target, at).with_context(|| format!("symlink {}", at.display()))
 }
 
-fn ensure_debian_packages() -> anyhow::Result<()> {
-    let missing: Vec<&str> = DEBIAN_PACKAGES
+/// Installs those of `packages` that dpkg does not list as installed (apt-get, once);
+/// `task` names the xtask task in the message.
+pub(crate) fn ensure_debian_packages(task: &str, packages: &[&str]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|p| {
@@ -221,7 +223,7 @@ fn ensure_debian_packages() -> anyhow::Result<()> {
         return Ok(());
     }
     eprintln!(
-        "xtask: setup: installing Debian packages {}",
+        "xtask: {task}: installing Debian packages {}",
         missing.join(" ")
     );
     Command::new("apt-get")

@@ -111,7 +111,7 @@ const TIMEOUT_ENV: &str = "NATTRACE_VM_TIMEOUT";
 const ACCEL_ENV: &str = "NATTRACE_VM_ACCEL";
 
 pub fn run(names: &[String]) -> anyhow::Result<()> {
-    ensure_host_packages()?;
+    crate::setup::ensure_debian_packages("vm-test", HOST_PACKAGES)?;
     let kernels: Vec<&Kernel> = if names.is_empty() {
         KERNELS.iter().collect()
     } else {
@@ -888,31 +888,4 @@ fn output(cmd: &mut Command) -> anyhow::Result<String> {
         );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// Installs the missing host packages, as `xtask setup` does for its own list.
-fn ensure_host_packages() -> anyhow::Result<()> {
-    let missing: Vec<&str> = HOST_PACKAGES
-        .iter()
-        .copied()
-        .filter(|p| {
-            !output(Command::new("dpkg-query").args(["-W", "-f=${Status}", p]))
-                .is_ok_and(|s| s.contains("install ok installed"))
-        })
-        .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    eprintln!(
-        "xtask: vm-test: installing Debian packages {}",
-        missing.join(" ")
-    );
-    Command::new("apt-get")
-        .args(["update", "-qq"])
-        .status_ok()?;
-    Command::new("apt-get")
-        .args(["install", "-y", "-qq", "--no-install-recommends"])
-        .args(&missing)
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .status_ok()
 }
