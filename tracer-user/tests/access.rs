@@ -55,6 +55,20 @@ fn binary() -> PathBuf {
     .clone()
 }
 
+/// `other_group()` when running as root; else `None`, with a printed reason (`why_root` says
+/// what root is needed for, as a "skipped: needs root, …" line).
+fn root_and_other_group(why_root: &str) -> Option<(&'static str, u32)> {
+    if !is_root() {
+        eprintln!("{why_root}");
+        return None;
+    }
+    let found = other_group();
+    if found.is_none() {
+        eprintln!("skipped: none of daemon, adm, nogroup, users in the group database");
+    }
+    found
+}
+
 /// A scratch directory anyone may pass through (not list), holding `data`.
 fn scratch() -> (tempfile::TempDir, PathBuf) {
     let tmp = tempfile::tempdir().unwrap();
@@ -236,12 +250,9 @@ fn modes_are_exact_whatever_the_umask() {
 
 #[test]
 fn configured_group_owns_the_data_and_its_members_read_it() {
-    if !is_root() {
-        eprintln!("skipped: needs root, to give files to another group");
-        return;
-    }
-    let Some((group, gid)) = other_group() else {
-        eprintln!("skipped: none of daemon, adm, nogroup, users in the group database");
+    let Some((group, gid)) =
+        root_and_other_group("skipped: needs root, to give files to another group")
+    else {
         return;
     };
     let (_tmp, data) = scratch();
@@ -327,12 +338,9 @@ fn audit_verify(data: &Path) -> (Option<i32>, String) {
 
 #[test]
 fn group_members_query_and_are_audited() {
-    if !is_root() {
-        eprintln!("skipped: needs root, to give files to another group and run as uid {NOBODY}");
-        return;
-    }
-    let Some((group, gid)) = other_group() else {
-        eprintln!("skipped: none of daemon, adm, nogroup, users in the group database");
+    let Some((group, gid)) = root_and_other_group(&format!(
+        "skipped: needs root, to give files to another group and run as uid {NOBODY}"
+    )) else {
         return;
     };
     let (_tmp, data) = scratch();
@@ -419,12 +427,9 @@ fn group_members_query_and_are_audited() {
 
 #[test]
 fn an_audit_log_made_before_the_group_is_opened_to_it() {
-    if !is_root() {
-        eprintln!("skipped: needs root, to give files to another group and run as uid {NOBODY}");
-        return;
-    }
-    let Some((group, gid)) = other_group() else {
-        eprintln!("skipped: none of daemon, adm, nogroup, users in the group database");
+    let Some((group, gid)) = root_and_other_group(&format!(
+        "skipped: needs root, to give files to another group and run as uid {NOBODY}"
+    )) else {
         return;
     };
     let (_tmp, data) = scratch();
@@ -459,12 +464,9 @@ fn an_audit_log_made_before_the_group_is_opened_to_it() {
 
 #[test]
 fn with_a_signing_key_members_entries_wait_for_the_next_signed_head() {
-    if !is_root() {
-        eprintln!("skipped: needs root, to give files to another group and run as uid {NOBODY}");
-        return;
-    }
-    let Some((group, gid)) = other_group() else {
-        eprintln!("skipped: none of daemon, adm, nogroup, users in the group database");
+    let Some((group, gid)) = root_and_other_group(&format!(
+        "skipped: needs root, to give files to another group and run as uid {NOBODY}"
+    )) else {
         return;
     };
     let (tmp, data) = scratch();

@@ -50,7 +50,8 @@ pub fn path_with_cargo_bin() -> OsString {
     std::env::join_paths(paths).expect("PATH entries contain no separator")
 }
 
-fn output(cmd: &mut Command) -> anyhow::Result<String> {
+/// Runs `cmd` and gives its standard output; a failure carries its standard error.
+pub(crate) fn output(cmd: &mut Command) -> anyhow::Result<String> {
     let out = cmd
         .output()
         .with_context(|| format!("cannot start {cmd:?}"))?;

@@ -24,6 +24,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
+use crate::setup::output;
 use crate::{StatusOk as _, cargo, step, workspace_root};
 
 /// A Debian kernel of the matrix.
@@ -876,16 +877,3 @@ fn probe_kvm(vmlinuz: &Path, initrd: &Path, work: &Path) -> &'static str {
 }
 
 // ---------------------------------------------------------------- host
-
-fn output(cmd: &mut Command) -> anyhow::Result<String> {
-    let out = cmd
-        .output()
-        .with_context(|| format!("cannot start {cmd:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
