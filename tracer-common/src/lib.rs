@@ -28,8 +28,9 @@ pub struct NatEvent {
     pub mark: u32,
     /// `ct->zone.id`, 0 when the kernel has no conntrack zones.
     pub zone: u16,
-    /// Reserved, zero.
-    pub pad0: u16,
+    /// `EVENT_*` bits saying where the record comes from (0: the netfilter program, or the
+    /// fexit program after the SRC manip, i.e. the complete binding).
+    pub flags: u16,
     /// Reserved, zero.
     pub pad1: u32,
     /// Original-direction tuple bytes.
@@ -65,6 +66,11 @@ pub struct ProgramConfig {
 
 const _: () = assert!(core::mem::size_of::<ProgramConfig>() == 32);
 
+/// [`NatEvent::flags`]: the record was taken at fexit of `nf_nat_setup_info` for the DST
+/// manip (`NF_NAT_MANIP_DST`). The source translation may still follow, so the tuples are not
+/// yet final; the SRC-manip record of the same entry (flag clear) is the complete binding.
+pub const EVENT_DST_MANIP: u16 = 1;
+
 /// Index of the only slot of the per-CPU loss counter map.
 pub const LOST_SLOT: u32 = 0;
 
@@ -79,6 +85,12 @@ pub mod names {
     pub const CONFIG_GLOBAL: &str = "NAT_CONFIG";
     /// The netfilter program.
     pub const PROGRAM: &str = "nat_binding";
+    /// The fexit program on `nf_nat_setup_info` (the fentry backend).
+    pub const FEXIT_PROGRAM: &str = "nat_setup_exit";
+    /// The kernel function the fexit program attaches to.
+    pub const FEXIT_TARGET: &str = "nf_nat_setup_info";
+    /// The kernel module that holds [`FEXIT_TARGET`] on distribution kernels.
+    pub const FEXIT_TARGET_MODULE: &str = "nf_nat";
 }
 
 #[cfg(feature = "user")]

@@ -8,6 +8,11 @@
 //!
 //! The section name is `classifier/…` only because aya-obj does not know netfilter sections;
 //! the agent's own loader loads it as `BPF_PROG_TYPE_NETFILTER`.
+//!
+//! A second program, `nat_setup_exit`, is the fentry backend for kernels without BPF
+//! netfilter links (< 6.4) or where conntrack/NAT are modules: fexit on
+//! `nf_nat_setup_info(ct, range, maniptype)`. It pushes the same record into the same ring
+//! buffer. The agent loads one of the two, never both.
 #![no_std]
 #![no_main]
 
@@ -19,7 +24,7 @@ use aya_ebpf::{
     macros::map,
     maps::{PerCpuArray, RingBuf},
 };
-use tracer_common::{LOST_SLOT, NatEvent, OFFSET_ABSENT, ProgramConfig};
+use tracer_common::{EVENT_DST_MANIP, LOST_SLOT, NatEvent, OFFSET_ABSENT, ProgramConfig};
 
 /// Verdict: let the packet through. The program only observes.
 const NF_ACCEPT: i32 = 1;
@@ -29,6 +34,10 @@ const NFCT_INFOMASK: u64 = 7;
 const IP_CT_NEW: u64 = 2;
 const IPS_CONFIRMED: u64 = 1 << 3;
 const IPS_NAT_MASK: u64 = (1 << 4) | (1 << 5); // IPS_SRC_NAT | IPS_DST_NAT
+/// `enum nf_nat_manip_type`: `NF_NAT_MANIP_SRC`.
+const NF_NAT_MANIP_SRC: u64 = 0;
+/// `NF_DROP`: what `nf_nat_setup_info` returns when it could not set the binding up.
+const NF_DROP: u64 = 0;
 
 #[map(name = "NAT_EVENTS")]
 static NAT_EVENTS: RingBuf = RingBuf::with_byte_size(16 * 1024 * 1024, 0);
@@ -83,11 +92,61 @@ unsafe fn try_nat_binding(ctx: *const BpfNfCtx) -> Option<()> {
     if status & IPS_CONFIRMED != 0 || status & IPS_NAT_MASK == 0 {
         return None;
     }
-    report(&cfg, ct, status)
+    report(&cfg, ct, status, 0)
+}
+
+/// fexit on `unsigned int nf_nat_setup_info(struct nf_conn *ct,
+/// const struct nf_nat_range2 *range, enum nf_nat_manip_type maniptype)`.
+///
+/// It runs once per manip type for every new conntrack entry that passes a NAT hook (the
+/// hook sets up a null binding when no rule matches): DST first (PREROUTING / OUTPUT), then
+/// SRC (POSTROUTING / INPUT). After the SRC manip the reply tuple is final, so that record,
+/// if the entry has any translation, is the binding. The DST record is pushed only when a
+/// real DNAT happened and is flagged [`EVENT_DST_MANIP`].
+///
+/// The tracing context is an array of u64: the three arguments, then the return value.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "fexit/nf_nat_setup_info")]
+pub extern "C" fn nat_setup_exit(ctx: *mut c_void) -> i32 {
+    // SAFETY: the kernel passes the arguments and return value as u64 slots; every kernel
+    // memory access goes through bpf_probe_read_kernel.
+    unsafe { try_nat_setup_exit(ctx.cast::<u64>()) };
+    0
 }
 
 #[inline(always)]
-fn report(cfg: &ProgramConfig, ct: *const u8, status: u64) -> Option<()> {
+unsafe fn try_nat_setup_exit(ctx: *const u64) -> Option<()> {
+    // SAFETY: slots 0..=3 exist for a 3-argument function's fexit program.
+    let (ct, maniptype, ret) = unsafe {
+        (
+            core::ptr::read_volatile(ctx) as *const u8,
+            core::ptr::read_volatile(ctx.add(2)),
+            core::ptr::read_volatile(ctx.add(3)),
+        )
+    };
+    if ct.is_null() || ret & 0xffff_ffff == NF_DROP {
+        return None;
+    }
+    // SAFETY: as above.
+    let cfg = unsafe { core::ptr::read_volatile(&raw const NAT_CONFIG) };
+    let status: u64 =
+        unsafe { bpf_probe_read_kernel(ct.add(cfg.ct_status as usize).cast()) }.ok()?;
+    if maniptype & 0xffff_ffff == NF_NAT_MANIP_SRC {
+        if status & IPS_NAT_MASK == 0 {
+            return None;
+        }
+        report(&cfg, ct, status, 0)
+    } else {
+        // IPS_DST_NAT: a real destination translation, not the null binding.
+        if status & (1 << 5) == 0 {
+            return None;
+        }
+        report(&cfg, ct, status, EVENT_DST_MANIP)
+    }
+}
+
+#[inline(always)]
+fn report(cfg: &ProgramConfig, ct: *const u8, status: u64, flags: u16) -> Option<()> {
     let Some(mut entry) = NAT_EVENTS.reserve::<NatEvent>(0) else {
         if let Some(lost) = NAT_EVENTS_LOST.get_ptr_mut(LOST_SLOT) {
             // SAFETY: per-CPU slot, no concurrent writer on this CPU.
@@ -100,7 +159,7 @@ fn report(cfg: &ProgramConfig, ct: *const u8, status: u64) -> Option<()> {
     unsafe {
         (*ev).boot_ns = bpf_ktime_get_boot_ns();
         (*ev).status = status as u32;
-        (*ev).pad0 = 0;
+        (*ev).flags = flags;
         (*ev).pad1 = 0;
         (*ev).zone = if cfg.ct_zone_id == OFFSET_ABSENT {
             0
@@ -123,12 +182,12 @@ fn report(cfg: &ProgramConfig, ct: *const u8, status: u64) -> Option<()> {
     }
     // Batch wakeups: a wakeup per record halves the NAT's new-binding rate. Wake the agent
     // only when enough is waiting; otherwise it drains on its own short timer.
-    let flags = if NAT_EVENTS.query(BPF_RB_AVAIL_DATA.into()) >= cfg.wakeup_bytes {
+    let wake = if NAT_EVENTS.query(BPF_RB_AVAIL_DATA.into()) >= cfg.wakeup_bytes {
         BPF_RB_FORCE_WAKEUP
     } else {
         BPF_RB_NO_WAKEUP
     };
-    entry.submit(flags.into());
+    entry.submit(wake.into());
     Some(())
 }
 

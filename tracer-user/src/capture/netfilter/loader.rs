@@ -1,4 +1,5 @@
-//! Loads the netfilter program from the embedded eBPF object.
+//! Loads one program (the netfilter one, or the fentry backend's fexit one) from the
+//! embedded eBPF object.
 //!
 //! aya 0.14 can neither load nor attach `BPF_PROG_TYPE_NETFILTER`, and aya-obj rejects a
 //! `netfilter` section, so the program sits under a section aya-obj knows (`classifier/…`) and
@@ -25,12 +26,15 @@ pub struct LoadedProgram {
     pub lost: PerCpuArray<MapData, u64>,
 }
 
-/// Loads `object` (the tracer-ebpf ELF) with `config` as its offsets global and a ring
-/// buffer of `ring_bytes` (a power-of-two multiple of the page size).
+/// Loads program `program` of `object` (the tracer-ebpf ELF) as `kind`, with `config` as its
+/// offsets global and a ring buffer of `ring_bytes` (a power-of-two multiple of the page
+/// size).
 pub fn load(
     object: &[u8],
     config: &ProgramConfig,
     ring_bytes: u32,
+    program: &str,
+    kind: sys::ProgKind<'_>,
 ) -> Result<LoadedProgram, CaptureError> {
     let obj_err = |what: &str, e: &dyn std::fmt::Display| CaptureError::Object {
         reason: format!("{what}: {e}"),
@@ -77,11 +81,12 @@ pub fn load(
     obj.relocate_calls(&text_sections)
         .map_err(|e| obj_err("relocate calls", &e))?;
 
+    let name = program;
     let program = obj
         .programs
-        .get(names::PROGRAM)
+        .get(name)
         .ok_or_else(|| CaptureError::Object {
-            reason: format!("no program {}", names::PROGRAM),
+            reason: format!("no program {name}"),
         })?;
     let function =
         obj.functions
@@ -89,11 +94,15 @@ pub fn load(
             .ok_or_else(|| CaptureError::Object {
                 reason: "program has no instructions".into(),
             })?;
-    let prog = sys::prog_load_netfilter(names::PROGRAM, &function.instructions, &program.license)
-        .map_err(|f| CaptureError::Kernel {
-        step: "load netfilter program",
-        detail: format!("{}\n{}", f.error, f.verifier_log),
-    })?;
+    let prog = sys::prog_load(kind, name, &function.instructions, &program.license).map_err(
+        |f| CaptureError::Kernel {
+            step: match kind {
+                sys::ProgKind::Netfilter => "load netfilter program",
+                sys::ProgKind::Tracing { .. } => "load fexit program",
+            },
+            detail: format!("{}\n{}", f.error, f.verifier_log),
+        },
+    )?;
 
     let take = |name: &str, maps: &mut HashMap<String, MapData>| {
         maps.remove(name).ok_or_else(|| CaptureError::Object {
@@ -195,6 +204,7 @@ mod tests {
         let obj =
             Object::parse(crate::capture::netfilter::EBPF_OBJECT).expect("embedded object parses");
         assert!(obj.programs.contains_key(names::PROGRAM));
+        assert!(obj.programs.contains_key(names::FEXIT_PROGRAM));
         assert!(obj.maps.contains_key(names::EVENTS_MAP));
         assert!(obj.maps.contains_key(names::LOST_MAP));
         let mut obj = obj;
