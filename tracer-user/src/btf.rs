@@ -621,6 +621,47 @@ pub(crate) mod tests {
         b.build()
     }
 
+    /// Split BTF (a module's) on top of a base: ids and string offsets continue the base's,
+    /// and names may point into the base's string table.
+    #[test]
+    fn split_btf_finds_functions_and_base_named_members() {
+        let base_bytes = sample_bytes(); // strings "\0int\0s\0a\0"; types 1 int, 2 struct s
+        let base = Btf::parse(&base_bytes, None).unwrap();
+        let base_str_len = 9u32;
+        let mut types = Vec::new();
+        let mut push = |words: &[u32]| {
+            for w in words {
+                types.extend_from_slice(&w.to_le_bytes());
+            }
+        };
+        // 3: FUNC_PROTO returning int, no params
+        push(&[0, KIND_FUNC_PROTO << 24, 1]);
+        // 4: FUNC "f" (own string table, offset 1) of type 3
+        push(&[base_str_len + 1, KIND_FUNC << 24, 3]);
+        // 5: struct "m" (own, offset 3) with member named "a" from the base table (offset 7)
+        push(&[base_str_len + 3, (KIND_STRUCT << 24) | 1, 4, 7, 1, 0]);
+        let strings = b"\0f\0m\0";
+        let mut blob = Vec::new();
+        blob.extend_from_slice(&BTF_MAGIC.to_le_bytes());
+        blob.extend_from_slice(&[1, 0]);
+        let tl = u32::try_from(types.len()).unwrap();
+        let sl = u32::try_from(strings.len()).unwrap();
+        for v in [24, 0, tl, tl, sl] {
+            blob.extend_from_slice(&v.to_le_bytes());
+        }
+        blob.extend_from_slice(&types);
+        blob.extend_from_slice(strings);
+        let split = Btf::parse(&blob, Some(&base)).unwrap();
+        assert_eq!(split.func_id("f"), Some(4));
+        assert!(split.func_in_split("f"));
+        assert_eq!(split.func_id("nope"), None);
+        assert_eq!(
+            split.member("m", &["a"]).unwrap(),
+            MemberInfo { offset: 0, size: 4 }
+        );
+        assert!(split.has_struct("s"));
+    }
+
     #[test]
     fn running_kernel_describes_conntrack_structs() {
         let Ok(btf) = Btf::from_sys_fs() else {

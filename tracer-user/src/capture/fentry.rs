@@ -135,17 +135,18 @@ impl FentryCapture {
                 btf_obj: btf_obj.as_ref().map(AsFd::as_fd),
             },
         )?;
-        let link = sys::attach_tracing(loaded.prog.as_fd()).map_err(|e| match e.raw_os_error() {
-            // 524: the kernel's ENOTSUPP (no trampoline support on this arch/config).
-            Some(libc::EPERM | libc::EOPNOTSUPP | 524) => CaptureError::Unsupported {
-                feature: "BPF trampolines (fentry/fexit)",
-                hint: "the kernel refused to attach an fexit program",
-            },
-            _ => CaptureError::Kernel {
-                step: "attach fexit program",
-                detail: e.to_string(),
-            },
-        })?;
+        let link =
+            sys::attach_tracing(loaded.prog.as_fd()).map_err(|e| match e.raw_os_error() {
+                // 524: the kernel's ENOTSUPP (no trampoline support on this arch/config).
+                Some(libc::EPERM | libc::EOPNOTSUPP | 524) => CaptureError::Unsupported {
+                    feature: "BPF trampolines (fentry/fexit)",
+                    hint: "the kernel refused to attach an fexit program",
+                },
+                _ => CaptureError::Kernel {
+                    step: "attach fexit program",
+                    detail: e.to_string(),
+                },
+            })?;
         Ok(Self {
             tuple: layout.tuple,
             events: loaded.events,
@@ -191,6 +192,11 @@ impl Capture for FentryCapture {
     }
 
     fn detach(&mut self) {
-        self.link = None;
+        if self.link.take().is_some() {
+            log::info!(
+                "fentry: {} records after a DST manip (DNAT) were seen and not forwarded",
+                self.dst_records
+            );
+        }
     }
 }

@@ -82,27 +82,25 @@ pub fn load(
         .map_err(|e| obj_err("relocate calls", &e))?;
 
     let name = program;
-    let program = obj
-        .programs
-        .get(name)
-        .ok_or_else(|| CaptureError::Object {
-            reason: format!("no program {name}"),
-        })?;
+    let program = obj.programs.get(name).ok_or_else(|| CaptureError::Object {
+        reason: format!("no program {name}"),
+    })?;
     let function =
         obj.functions
             .get(&program.function_key())
             .ok_or_else(|| CaptureError::Object {
                 reason: "program has no instructions".into(),
             })?;
-    let prog = sys::prog_load(kind, name, &function.instructions, &program.license).map_err(
-        |f| CaptureError::Kernel {
-            step: match kind {
-                sys::ProgKind::Netfilter => "load netfilter program",
-                sys::ProgKind::Tracing { .. } => "load fexit program",
-            },
-            detail: format!("{}\n{}", f.error, f.verifier_log),
-        },
-    )?;
+    let prog =
+        sys::prog_load(kind, name, &function.instructions, &program.license).map_err(|f| {
+            CaptureError::Kernel {
+                step: match kind {
+                    sys::ProgKind::Netfilter => "load netfilter program",
+                    sys::ProgKind::Tracing { .. } => "load fexit program",
+                },
+                detail: format!("{}\n{}", f.error, f.verifier_log),
+            }
+        })?;
 
     let take = |name: &str, maps: &mut HashMap<String, MapData>| {
         maps.remove(name).ok_or_else(|| CaptureError::Object {

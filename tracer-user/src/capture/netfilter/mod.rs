@@ -158,11 +158,9 @@ pub(crate) fn drain_ring(
 
 /// Sums the per-CPU loss counter.
 pub(crate) fn read_lost(lost: &PerCpuArray<MapData, u64>) -> Result<u64, CaptureError> {
-    let per_cpu = lost
-        .get(&LOST_SLOT, 0)
-        .map_err(|e| CaptureError::Kernel {
-            step: "read loss counter",
-            detail: e.to_string(),
-        })?;
+    let per_cpu = lost.get(&LOST_SLOT, 0).map_err(|e| CaptureError::Kernel {
+        step: "read loss counter",
+        detail: e.to_string(),
+    })?;
     Ok(per_cpu.iter().sum())
 }
