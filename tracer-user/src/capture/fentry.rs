@@ -134,7 +134,21 @@ impl FentryCapture {
                 btf_id: target.btf_id,
                 btf_obj: btf_obj.as_ref().map(AsFd::as_fd),
             },
-        )?;
+        )
+        .map_err(|e| match e {
+            // Kernels that refuse tracing programs (e.g. lockdown, or no trampolines) say EPERM
+            // at load time, before any verifier log.
+            // TODO: carry the errno in CaptureError::Kernel instead of matching the text.
+            CaptureError::Kernel { detail, .. }
+                if detail.starts_with("Operation not permitted") =>
+            {
+                CaptureError::Unsupported {
+                    feature: "BPF trampolines (fentry/fexit)",
+                    hint: "the kernel refused to load an fexit program (EPERM); use the netfilter backend",
+                }
+            }
+            e => e,
+        })?;
         let link =
             sys::attach_tracing(loaded.prog.as_fd()).map_err(|e| match e.raw_os_error() {
                 // 524: the kernel's ENOTSUPP (no trampoline support on this arch/config).
