@@ -71,6 +71,43 @@ const _: () = assert!(core::mem::size_of::<ProgramConfig>() == 32);
 /// yet final; the SRC-manip record of the same entry (flag clear) is the complete binding.
 pub const EVENT_DST_MANIP: u16 = 1;
 
+/// One conntrack entry destroyed, as the fentry program on `nf_ct_destroy` saw it
+/// (PROTOTYPE: the agent only counts these so far).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct EndEvent {
+    /// `bpf_ktime_get_boot_ns()` at destroy.
+    pub boot_ns: u64,
+    /// `ct->status`.
+    pub status: u32,
+    /// `ct->zone.id`, 0 without zones.
+    pub zone: u16,
+    /// [`END_HAS_ACCT`] when the accounting extension was present.
+    pub flags: u16,
+    /// Packets original, reply (from `struct nf_conn_acct`).
+    pub packets: [u64; 2],
+    /// Bytes original, reply.
+    pub bytes: [u64; 2],
+    /// Original-direction tuple bytes.
+    pub orig: [u8; TUPLE_BYTES],
+}
+
+const _: () = assert!(core::mem::size_of::<EndEvent>() == 48 + TUPLE_BYTES);
+
+/// [`EndEvent::flags`]: the counters come from the accounting extension.
+pub const END_HAS_ACCT: u16 = 1;
+
+/// Offsets the end program needs besides [`ProgramConfig`]'s; `.rodata`, frozen.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct EndConfig {
+    /// `offsetof(struct nf_conn, ext)`.
+    pub ct_ext: u32,
+    /// `offsetof(struct nf_ct_ext, offset) + NF_CT_EXT_ACCT`: the u8 that locates the
+    /// accounting extension inside `ext` (0: absent).
+    pub ext_acct_slot: u32,
+}
+
 /// Index of the only slot of the per-CPU loss counter map.
 pub const LOST_SLOT: u32 = 0;
 
@@ -91,6 +128,15 @@ pub mod names {
     pub const FEXIT_TARGET: &str = "nf_nat_setup_info";
     /// The kernel module that holds [`FEXIT_TARGET`] on distribution kernels.
     pub const FEXIT_TARGET_MODULE: &str = "nf_nat";
+    /// Ring buffer of [`super::EndEvent`].
+    pub const ENDS_MAP: &str = "NAT_ENDS";
+    /// The [`super::EndConfig`] global.
+    pub const END_CONFIG_GLOBAL: &str = "END_CONFIG";
+    /// The fentry program on `nf_ct_destroy`.
+    pub const END_PROGRAM: &str = "ct_destroy_entry";
+    /// The function it attaches to, and its module.
+    pub const END_TARGET: &str = "nf_ct_destroy";
+    pub const END_TARGET_MODULE: &str = "nf_conntrack";
 }
 
 #[cfg(feature = "user")]
@@ -99,4 +145,6 @@ mod pod {
     unsafe impl aya::Pod for super::NatEvent {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::ProgramConfig {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::EndEvent {}
 }

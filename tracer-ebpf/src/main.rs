@@ -24,7 +24,10 @@ use aya_ebpf::{
     macros::map,
     maps::{PerCpuArray, RingBuf},
 };
-use tracer_common::{EVENT_DST_MANIP, LOST_SLOT, NatEvent, OFFSET_ABSENT, ProgramConfig};
+use tracer_common::{
+    END_HAS_ACCT, EVENT_DST_MANIP, EndConfig, EndEvent, LOST_SLOT, NatEvent, OFFSET_ABSENT,
+    ProgramConfig,
+};
 
 /// Verdict: let the packet through. The program only observes.
 const NF_ACCEPT: i32 = 1;
@@ -42,6 +45,10 @@ const NF_DROP: u64 = 0;
 #[map(name = "NAT_EVENTS")]
 static NAT_EVENTS: RingBuf = RingBuf::with_byte_size(16 * 1024 * 1024, 0);
 
+/// Ends from the fentry program on `nf_ct_destroy` (the agent sizes it; one page when unused).
+#[map(name = "NAT_ENDS")]
+static NAT_ENDS: RingBuf = RingBuf::with_byte_size(4096, 0);
+
 #[map(name = "NAT_EVENTS_LOST")]
 static NAT_EVENTS_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
@@ -55,6 +62,13 @@ static NAT_CONFIG: ProgramConfig = ProgramConfig {
     ct_zone_id: OFFSET_ABSENT,
     ct_mark: OFFSET_ABSENT,
     wakeup_bytes: 0,
+};
+
+/// Offsets for the end program; `.rodata`, frozen.
+#[unsafe(no_mangle)]
+static END_CONFIG: EndConfig = EndConfig {
+    ct_ext: 0,
+    ext_acct_slot: 0,
 };
 
 /// `struct bpf_nf_ctx { const struct nf_hook_state *state; struct sk_buff *skb; }`.
@@ -143,6 +157,74 @@ unsafe fn try_nat_setup_exit(ctx: *const u64) -> Option<()> {
         }
         report(&cfg, ct, status, EVENT_DST_MANIP)
     }
+}
+
+/// fentry on `void nf_ct_destroy(struct nf_conntrack *nfct)` (PROTOTYPE): every conntrack
+/// entry freed; `nfct` is the first member of `struct nf_conn`. Reports entries with a
+/// translation, with the accounting extension's counters.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "fentry/nf_ct_destroy")]
+pub extern "C" fn ct_destroy_entry(ctx: *mut c_void) -> i32 {
+    // SAFETY: slot 0 is the argument; kernel memory is read through bpf_probe_read_kernel.
+    unsafe { try_ct_destroy(ctx.cast::<u64>()) };
+    0
+}
+
+#[inline(always)]
+unsafe fn try_ct_destroy(ctx: *const u64) -> Option<()> {
+    // SAFETY: see above.
+    let ct = unsafe { core::ptr::read_volatile(ctx) } as *const u8;
+    if ct.is_null() {
+        return None;
+    }
+    let cfg = unsafe { core::ptr::read_volatile(&raw const NAT_CONFIG) };
+    let ecfg = unsafe { core::ptr::read_volatile(&raw const END_CONFIG) };
+    let status: u64 =
+        unsafe { bpf_probe_read_kernel(ct.add(cfg.ct_status as usize).cast()) }.ok()?;
+    if status & IPS_NAT_MASK == 0 {
+        return None;
+    }
+    let Some(mut entry) = NAT_ENDS.reserve::<EndEvent>(0) else {
+        if let Some(lost) = NAT_EVENTS_LOST.get_ptr_mut(LOST_SLOT) {
+            // SAFETY: per-CPU slot.
+            unsafe { *lost += 1 };
+        }
+        return None;
+    };
+    let ev = entry.as_mut_ptr();
+    // SAFETY: `ev` is a reserved, exclusively owned slot.
+    unsafe {
+        (*ev).boot_ns = bpf_ktime_get_boot_ns();
+        (*ev).status = status as u32;
+        (*ev).zone = if cfg.ct_zone_id == OFFSET_ABSENT {
+            0
+        } else {
+            bpf_probe_read_kernel(ct.add(cfg.ct_zone_id as usize).cast::<u16>()).unwrap_or(0)
+        };
+        (*ev).flags = 0;
+        (*ev).packets = [0; 2];
+        (*ev).bytes = [0; 2];
+        let ext: u64 = bpf_probe_read_kernel(ct.add(ecfg.ct_ext as usize).cast()).unwrap_or(0);
+        if ext != 0 {
+            let ext = ext as *const u8;
+            let off: u8 = bpf_probe_read_kernel(ext.add(ecfg.ext_acct_slot as usize)).unwrap_or(0);
+            if off != 0 {
+                // struct nf_conn_acct { struct nf_conn_counter { atomic64_t packets, bytes; } counter[2]; }
+                let acct = ext.add(off as usize).cast::<u64>();
+                (*ev).packets[0] = bpf_probe_read_kernel(acct).unwrap_or(0);
+                (*ev).bytes[0] = bpf_probe_read_kernel(acct.add(1)).unwrap_or(0);
+                (*ev).packets[1] = bpf_probe_read_kernel(acct.add(2)).unwrap_or(0);
+                (*ev).bytes[1] = bpf_probe_read_kernel(acct.add(3)).unwrap_or(0);
+                (*ev).flags = END_HAS_ACCT;
+            }
+        }
+        if bpf_probe_read_kernel_buf(ct.add(cfg.ct_tuple_orig as usize), &mut (*ev).orig).is_err() {
+            entry.discard(0);
+            return None;
+        }
+    }
+    entry.submit(0);
+    Some(())
 }
 
 #[inline(always)]

@@ -20,7 +20,7 @@ use std::{
 };
 
 use aya::maps::{MapData, PerCpuArray, RingBuf};
-use tracer_common::{EVENT_DST_MANIP, names};
+use tracer_common::{END_HAS_ACCT, EVENT_DST_MANIP, EndConfig, EndEvent, names};
 
 use super::{
     Capture, CaptureError, StartEvent,
@@ -42,6 +42,52 @@ pub struct Options {
 pub struct Target {
     pub btf_id: u32,
     pub module: Option<String>,
+    /// The end hook (fentry on nf_ct_destroy), when its target and offsets were found.
+    pub end: Option<EndTarget>,
+}
+
+/// PROTOTYPE: where the end program attaches and the offsets it needs.
+#[derive(Clone, Debug)]
+pub struct EndTarget {
+    pub btf_id: u32,
+    pub module: Option<String>,
+    pub config: EndConfig,
+}
+
+/// `NF_CT_EXT_ACCT` in `enum nf_ct_ext_id`: 3 on 5.10, 6.1 and 6.12 (spike, from BTF).
+/// TODO: read the enumerator from BTF (btf.rs does not parse enum values yet).
+const NF_CT_EXT_ACCT: u32 = 3;
+
+fn probe_end(vmlinux: &Btf) -> Result<EndTarget, String> {
+    let (btf, module) = match vmlinux.func_id(names::END_TARGET) {
+        Some(_) => (vmlinux.clone(), None),
+        None => {
+            let path = format!("/sys/kernel/btf/{}", names::END_TARGET_MODULE);
+            let split = vmlinux
+                .with_split_file(Path::new(&path))
+                .map_err(|e| format!("{path}: {e}"))?;
+            (split, Some(names::END_TARGET_MODULE.to_owned()))
+        }
+    };
+    let btf_id = btf
+        .func_id(names::END_TARGET)
+        .ok_or_else(|| format!("no BTF for {}", names::END_TARGET))?;
+    let ct_ext = btf
+        .member("nf_conn", &["ext"])
+        .map_err(|e| e.to_string())?
+        .offset;
+    let slot = btf
+        .member("nf_ct_ext", &["offset"])
+        .map_err(|e| e.to_string())?
+        .offset;
+    Ok(EndTarget {
+        btf_id,
+        module,
+        config: EndConfig {
+            ct_ext,
+            ext_acct_slot: slot + NF_CT_EXT_ACCT,
+        },
+    })
 }
 
 /// Checks, without attaching anything, that the struct offsets and the attach target can be
@@ -58,10 +104,14 @@ pub fn probe() -> Result<(KernelLayout, Target), CaptureError> {
         source: super::layout::LayoutError::Btf(e),
     };
     let vmlinux = Btf::from_sys_fs().map_err(layout_err)?;
+    let end = probe_end(&vmlinux)
+        .map_err(|e| log::warn!("fentry: no end hook on {}: {e}", names::END_TARGET))
+        .ok();
     let target = if let Some(btf_id) = vmlinux.func_id(names::FEXIT_TARGET) {
         Target {
             btf_id,
             module: None,
+            end,
         }
     } else {
         let path = format!("/sys/kernel/btf/{}", names::FEXIT_TARGET_MODULE);
@@ -84,6 +134,7 @@ pub fn probe() -> Result<(KernelLayout, Target), CaptureError> {
         Target {
             btf_id,
             module: Some(names::FEXIT_TARGET_MODULE.to_owned()),
+            end,
         }
     };
     Ok((layout, target))
@@ -99,6 +150,91 @@ pub struct FentryCapture {
     dst_records: u64,
     _prog: OwnedFd,
     _btf_obj: Option<OwnedFd>,
+    end: Option<EndHook>,
+}
+
+/// PROTOTYPE: the fentry program on nf_ct_destroy and what it reported (counted only; ends
+/// still reach the agent through ctnetlink).
+struct EndHook {
+    ends: RingBuf<MapData>,
+    link: Option<OwnedFd>,
+    _prog: OwnedFd,
+    _btf_obj: Option<OwnedFd>,
+    seen: u64,
+    with_acct: u64,
+    packets: u64,
+    bytes: u64,
+}
+
+fn module_btf(module: Option<&String>) -> Result<Option<OwnedFd>, CaptureError> {
+    let Some(module) = module else {
+        return Ok(None);
+    };
+    sys::kernel_btf_fd_by_name(module)
+        .map_err(|e| CaptureError::Kernel {
+            step: "find the module's BTF object",
+            detail: format!("{module}: {e}"),
+        })?
+        .ok_or(CaptureError::Unsupported {
+            feature: "a BTF object for the module",
+            hint: "needs Linux >= 5.11 with CONFIG_DEBUG_INFO_BTF_MODULES",
+        })
+        .map(Some)
+}
+
+fn attach_end(
+    layout: &KernelLayout,
+    end: &EndTarget,
+    ring_bytes: u32,
+) -> Result<EndHook, CaptureError> {
+    let btf_obj = module_btf(end.module.as_ref())?;
+    let loaded = loader::load(
+        EBPF_OBJECT,
+        &layout.program,
+        4096,
+        names::END_PROGRAM,
+        sys::ProgKind::Tracing {
+            attach_type: sys::BPF_TRACE_FENTRY,
+            btf_id: end.btf_id,
+            btf_obj: btf_obj.as_ref().map(AsFd::as_fd),
+        },
+        &loader::EndSpec {
+            config: end.config,
+            ring_bytes,
+        },
+    )?;
+    let link = sys::attach_tracing(loaded.prog.as_fd()).map_err(|e| CaptureError::Kernel {
+        step: "attach fentry program on nf_ct_destroy",
+        detail: e.to_string(),
+    })?;
+    Ok(EndHook {
+        ends: loaded.ends,
+        link: Some(link),
+        _prog: loaded.prog,
+        _btf_obj: btf_obj,
+        seen: 0,
+        with_acct: 0,
+        packets: 0,
+        bytes: 0,
+    })
+}
+
+impl EndHook {
+    fn drain(&mut self) {
+        while let Some(item) = self.ends.next() {
+            if item.len() < size_of::<EndEvent>() {
+                continue;
+            }
+            // SAFETY: one `EndEvent` per record, read unaligned.
+            let ev = unsafe { item.as_ptr().cast::<EndEvent>().read_unaligned() };
+            self.seen += 1;
+            if ev.flags & END_HAS_ACCT != 0 {
+                self.with_acct += 1;
+                self.packets += ev.packets[0] + ev.packets[1];
+                self.bytes += ev.bytes[0] + ev.bytes[1];
+            }
+        }
+    }
 }
 
 impl FentryCapture {
@@ -134,6 +270,7 @@ impl FentryCapture {
                 btf_id: target.btf_id,
                 btf_obj: btf_obj.as_ref().map(AsFd::as_fd),
             },
+            &loader::EndSpec::default(),
         )
         .map_err(|e| match e {
             // Kernels that refuse tracing programs (e.g. lockdown, or no trampolines) say EPERM
@@ -161,6 +298,15 @@ impl FentryCapture {
                     detail: e.to_string(),
                 },
             })?;
+        // PROTOTYPE: the end hook is best effort and only counted.
+        let end = target.end.as_ref().and_then(|end| {
+            attach_end(layout, end, options.ring_bytes)
+                .map_err(|e| log::warn!("fentry: end hook on nf_ct_destroy not attached: {e}"))
+                .ok()
+        });
+        if end.is_some() {
+            log::info!("fentry: end hook on nf_ct_destroy attached (ends counted only)");
+        }
         Ok(Self {
             tuple: layout.tuple,
             events: loaded.events,
@@ -169,6 +315,7 @@ impl FentryCapture {
             dst_records: 0,
             _prog: loaded.prog,
             _btf_obj: btf_obj,
+            end,
         })
     }
 
@@ -191,6 +338,9 @@ impl Capture for FentryCapture {
     }
 
     fn drain(&mut self, out: &mut Vec<StartEvent>) -> usize {
+        if let Some(end) = &mut self.end {
+            end.drain();
+        }
         let dst = &mut self.dst_records;
         drain_ring(&mut self.events, &self.tuple, |ev, flags| {
             if flags & EVENT_DST_MANIP != 0 {
@@ -210,6 +360,17 @@ impl Capture for FentryCapture {
             log::info!(
                 "fentry: {} records after a DST manip (DNAT) were seen and not forwarded",
                 self.dst_records
+            );
+        }
+        if let Some(end) = &mut self.end {
+            end.link = None;
+            end.drain();
+            log::info!(
+                "fentry: nf_ct_destroy saw {} ends of translated entries, {} with acct: packets {} bytes {}",
+                end.seen,
+                end.with_acct,
+                end.packets,
+                end.bytes
             );
         }
     }

@@ -14,7 +14,7 @@ use std::{
 
 use aya::maps::{Map, MapData, PerCpuArray, RingBuf};
 use aya_obj::{EbpfSectionKind, Object};
-use tracer_common::{ProgramConfig, names};
+use tracer_common::{EndConfig, ProgramConfig, names};
 
 use super::sys;
 use crate::capture::CaptureError;
@@ -24,6 +24,25 @@ pub struct LoadedProgram {
     pub prog: OwnedFd,
     pub events: RingBuf<MapData>,
     pub lost: PerCpuArray<MapData, u64>,
+    /// Ends ring (used only by the fentry backend's end program).
+    pub ends: RingBuf<MapData>,
+}
+
+/// What the end program (fentry on nf_ct_destroy) needs; `Default` when it is not loaded.
+#[derive(Clone, Copy, Debug)]
+pub struct EndSpec {
+    pub config: EndConfig,
+    /// Ends ring size: a power-of-two multiple of the page size.
+    pub ring_bytes: u32,
+}
+
+impl Default for EndSpec {
+    fn default() -> Self {
+        Self {
+            config: EndConfig::default(),
+            ring_bytes: 4096,
+        }
+    }
 }
 
 /// Loads program `program` of `object` (the tracer-ebpf ELF) as `kind`, with `config` as its
@@ -35,6 +54,7 @@ pub fn load(
     ring_bytes: u32,
     program: &str,
     kind: sys::ProgKind<'_>,
+    end: &EndSpec,
 ) -> Result<LoadedProgram, CaptureError> {
     let obj_err = |what: &str, e: &dyn std::fmt::Display| CaptureError::Object {
         reason: format!("{what}: {e}"),
@@ -43,11 +63,22 @@ pub fn load(
 
     // SAFETY-free byte view of a plain `#[repr(C)]` struct without padding.
     let config_bytes = config_bytes(config);
-    obj.patch_map_data(HashMap::from([(
-        names::CONFIG_GLOBAL,
-        (config_bytes.as_slice(), true),
-    )]))
+    let end_bytes = [
+        end.config.ct_ext.to_ne_bytes(),
+        end.config.ext_acct_slot.to_ne_bytes(),
+    ]
+    .concat();
+    obj.patch_map_data(HashMap::from([
+        (names::CONFIG_GLOBAL, (config_bytes.as_slice(), true)),
+        (names::END_CONFIG_GLOBAL, (end_bytes.as_slice(), true)),
+    ]))
     .map_err(|e| obj_err("patch offsets", &e))?;
+    obj.maps
+        .get_mut(names::ENDS_MAP)
+        .ok_or_else(|| CaptureError::Object {
+            reason: format!("no map {}", names::ENDS_MAP),
+        })?
+        .set_max_entries(end.ring_bytes);
     obj.maps
         .get_mut(names::EVENTS_MAP)
         .ok_or_else(|| CaptureError::Object {
@@ -96,7 +127,7 @@ pub fn load(
             CaptureError::Kernel {
                 step: match kind {
                     sys::ProgKind::Netfilter => "load netfilter program",
-                    sys::ProgKind::Tracing { .. } => "load fexit program",
+                    sys::ProgKind::Tracing { .. } => "load tracing program",
                 },
                 detail: format!("{}\n{}", f.error, f.verifier_log),
             }
@@ -120,7 +151,18 @@ pub fn load(
             detail: e.to_string(),
         },
     )?;
-    Ok(LoadedProgram { prog, events, lost })
+    let ends = RingBuf::try_from(Map::RingBuf(take(names::ENDS_MAP, &mut maps)?)).map_err(|e| {
+        CaptureError::Kernel {
+            step: "open ends ring buffer",
+            detail: e.to_string(),
+        }
+    })?;
+    Ok(LoadedProgram {
+        prog,
+        events,
+        lost,
+        ends,
+    })
 }
 
 /// Writes a global-data map's initial bytes and freezes `.rodata`, as aya's private
@@ -203,6 +245,8 @@ mod tests {
             Object::parse(crate::capture::netfilter::EBPF_OBJECT).expect("embedded object parses");
         assert!(obj.programs.contains_key(names::PROGRAM));
         assert!(obj.programs.contains_key(names::FEXIT_PROGRAM));
+        assert!(obj.programs.contains_key(names::END_PROGRAM));
+        assert!(obj.maps.contains_key(names::ENDS_MAP));
         assert!(obj.maps.contains_key(names::EVENTS_MAP));
         assert!(obj.maps.contains_key(names::LOST_MAP));
         let mut obj = obj;

@@ -77,6 +77,7 @@ impl NetfilterCapture {
             options.ring_bytes,
             tracer_common::names::PROGRAM,
             sys::ProgKind::Netfilter,
+            &loader::EndSpec::default(),
         )?;
         let mut links = Vec::with_capacity(2);
         for pf in [sys::NFPROTO_IPV4, sys::NFPROTO_IPV6] {

@@ -26,7 +26,6 @@ pub const NFPROTO_IPV6: u32 = 10;
 /// `BPF_PROG_TYPE_TRACING`.
 pub const BPF_PROG_TYPE_TRACING: u32 = 26;
 /// `BPF_TRACE_FENTRY` attach type.
-#[expect(dead_code, reason = "for the nf_ct_destroy end hook, not written yet")]
 pub const BPF_TRACE_FENTRY: u32 = 24;
 /// `BPF_TRACE_FEXIT` attach type.
 pub const BPF_TRACE_FEXIT: u32 = 25;
