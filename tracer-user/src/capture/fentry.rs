@@ -220,7 +220,7 @@ fn attach_end(
 }
 
 impl EndHook {
-    fn drain(&mut self) {
+    fn drain(&mut self, tuple: &TupleLayout) {
         while let Some(item) = self.ends.next() {
             if item.len() < size_of::<EndEvent>() {
                 continue;
@@ -228,6 +228,23 @@ impl EndHook {
             // SAFETY: one `EndEvent` per record, read unaligned.
             let ev = unsafe { item.as_ptr().cast::<EndEvent>().read_unaligned() };
             self.seen += 1;
+            if log::log_enabled!(log::Level::Debug)
+                && let Some((proto, t)) = tuple.decode(&ev.orig)
+            {
+                log::debug!(
+                    "fentry end: proto {proto} {}:{} -> {}:{} zone {} acct {} packets {}/{} bytes {}/{}",
+                    t.src,
+                    t.src_port,
+                    t.dst,
+                    t.dst_port,
+                    ev.zone,
+                    ev.flags & END_HAS_ACCT != 0,
+                    ev.packets[0],
+                    ev.packets[1],
+                    ev.bytes[0],
+                    ev.bytes[1]
+                );
+            }
             if ev.flags & END_HAS_ACCT != 0 {
                 self.with_acct += 1;
                 self.packets += ev.packets[0] + ev.packets[1];
@@ -339,7 +356,7 @@ impl Capture for FentryCapture {
 
     fn drain(&mut self, out: &mut Vec<StartEvent>) -> usize {
         if let Some(end) = &mut self.end {
-            end.drain();
+            end.drain(&self.tuple);
         }
         let dst = &mut self.dst_records;
         drain_ring(&mut self.events, &self.tuple, |ev, flags| {
@@ -364,7 +381,7 @@ impl Capture for FentryCapture {
         }
         if let Some(end) = &mut self.end {
             end.link = None;
-            end.drain();
+            end.drain(&self.tuple);
             log::info!(
                 "fentry: nf_ct_destroy saw {} ends of translated entries, {} with acct: packets {} bytes {}",
                 end.seen,
