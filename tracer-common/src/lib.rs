@@ -28,8 +28,9 @@ pub struct NatEvent {
     pub mark: u32,
     /// `ct->zone.id`, 0 when the kernel has no conntrack zones.
     pub zone: u16,
-    /// Reserved, zero.
-    pub pad0: u16,
+    /// `EVENT_*` bits saying where the record comes from (0: the netfilter program, or the
+    /// fexit program after the SRC manip, i.e. the complete binding).
+    pub flags: u16,
     /// Reserved, zero.
     pub pad1: u32,
     /// Original-direction tuple bytes.
@@ -65,6 +66,48 @@ pub struct ProgramConfig {
 
 const _: () = assert!(core::mem::size_of::<ProgramConfig>() == 32);
 
+/// [`NatEvent::flags`]: the record was taken at fexit of `nf_nat_setup_info` for the DST
+/// manip (`NF_NAT_MANIP_DST`). The source translation may still follow, so the tuples are not
+/// yet final; the SRC-manip record of the same entry (flag clear) is the complete binding.
+pub const EVENT_DST_MANIP: u16 = 1;
+
+/// One conntrack entry destroyed, as the fentry program on `nf_ct_destroy` saw it
+/// (PROTOTYPE: the agent only counts these so far).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct EndEvent {
+    /// `bpf_ktime_get_boot_ns()` at destroy.
+    pub boot_ns: u64,
+    /// `ct->status`.
+    pub status: u32,
+    /// `ct->zone.id`, 0 without zones.
+    pub zone: u16,
+    /// [`END_HAS_ACCT`] when the accounting extension was present.
+    pub flags: u16,
+    /// Packets original, reply (from `struct nf_conn_acct`).
+    pub packets: [u64; 2],
+    /// Bytes original, reply.
+    pub bytes: [u64; 2],
+    /// Original-direction tuple bytes.
+    pub orig: [u8; TUPLE_BYTES],
+}
+
+const _: () = assert!(core::mem::size_of::<EndEvent>() == 48 + TUPLE_BYTES);
+
+/// [`EndEvent::flags`]: the counters come from the accounting extension.
+pub const END_HAS_ACCT: u16 = 1;
+
+/// Offsets the end program needs besides [`ProgramConfig`]'s; `.rodata`, frozen.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct EndConfig {
+    /// `offsetof(struct nf_conn, ext)`.
+    pub ct_ext: u32,
+    /// `offsetof(struct nf_ct_ext, offset) + NF_CT_EXT_ACCT`: the u8 that locates the
+    /// accounting extension inside `ext` (0: absent).
+    pub ext_acct_slot: u32,
+}
+
 /// Index of the only slot of the per-CPU loss counter map.
 pub const LOST_SLOT: u32 = 0;
 
@@ -79,6 +122,21 @@ pub mod names {
     pub const CONFIG_GLOBAL: &str = "NAT_CONFIG";
     /// The netfilter program.
     pub const PROGRAM: &str = "nat_binding";
+    /// The fexit program on `nf_nat_setup_info` (the fentry backend).
+    pub const FEXIT_PROGRAM: &str = "nat_setup_exit";
+    /// The kernel function the fexit program attaches to.
+    pub const FEXIT_TARGET: &str = "nf_nat_setup_info";
+    /// The kernel module that holds [`FEXIT_TARGET`] on distribution kernels.
+    pub const FEXIT_TARGET_MODULE: &str = "nf_nat";
+    /// Ring buffer of [`super::EndEvent`].
+    pub const ENDS_MAP: &str = "NAT_ENDS";
+    /// The [`super::EndConfig`] global.
+    pub const END_CONFIG_GLOBAL: &str = "END_CONFIG";
+    /// The fentry program on `nf_ct_destroy`.
+    pub const END_PROGRAM: &str = "ct_destroy_entry";
+    /// The function it attaches to, and its module.
+    pub const END_TARGET: &str = "nf_ct_destroy";
+    pub const END_TARGET_MODULE: &str = "nf_conntrack";
 }
 
 #[cfg(feature = "user")]
@@ -87,4 +145,6 @@ mod pod {
     unsafe impl aya::Pod for super::NatEvent {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::ProgramConfig {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::EndEvent {}
 }

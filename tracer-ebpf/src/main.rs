@@ -8,6 +8,11 @@
 //!
 //! The section name is `classifier/…` only because aya-obj does not know netfilter sections;
 //! the agent's own loader loads it as `BPF_PROG_TYPE_NETFILTER`.
+//!
+//! A second program, `nat_setup_exit`, is the fentry backend for kernels without BPF
+//! netfilter links (< 6.4) or where conntrack/NAT are modules: fexit on
+//! `nf_nat_setup_info(ct, range, maniptype)`. It pushes the same record into the same ring
+//! buffer. The agent loads one of the two, never both.
 #![no_std]
 #![no_main]
 
@@ -19,7 +24,10 @@ use aya_ebpf::{
     macros::map,
     maps::{PerCpuArray, RingBuf},
 };
-use tracer_common::{LOST_SLOT, NatEvent, OFFSET_ABSENT, ProgramConfig};
+use tracer_common::{
+    END_HAS_ACCT, EVENT_DST_MANIP, EndConfig, EndEvent, LOST_SLOT, NatEvent, OFFSET_ABSENT,
+    ProgramConfig,
+};
 
 /// Verdict: let the packet through. The program only observes.
 const NF_ACCEPT: i32 = 1;
@@ -29,9 +37,17 @@ const NFCT_INFOMASK: u64 = 7;
 const IP_CT_NEW: u64 = 2;
 const IPS_CONFIRMED: u64 = 1 << 3;
 const IPS_NAT_MASK: u64 = (1 << 4) | (1 << 5); // IPS_SRC_NAT | IPS_DST_NAT
+/// `enum nf_nat_manip_type`: `NF_NAT_MANIP_SRC`.
+const NF_NAT_MANIP_SRC: u64 = 0;
+/// `NF_DROP`: what `nf_nat_setup_info` returns when it could not set the binding up.
+const NF_DROP: u64 = 0;
 
 #[map(name = "NAT_EVENTS")]
 static NAT_EVENTS: RingBuf = RingBuf::with_byte_size(16 * 1024 * 1024, 0);
+
+/// Ends from the fentry program on `nf_ct_destroy` (the agent sizes it; one page when unused).
+#[map(name = "NAT_ENDS")]
+static NAT_ENDS: RingBuf = RingBuf::with_byte_size(4096, 0);
 
 #[map(name = "NAT_EVENTS_LOST")]
 static NAT_EVENTS_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
@@ -46,6 +62,13 @@ static NAT_CONFIG: ProgramConfig = ProgramConfig {
     ct_zone_id: OFFSET_ABSENT,
     ct_mark: OFFSET_ABSENT,
     wakeup_bytes: 0,
+};
+
+/// Offsets for the end program; `.rodata`, frozen.
+#[unsafe(no_mangle)]
+static END_CONFIG: EndConfig = EndConfig {
+    ct_ext: 0,
+    ext_acct_slot: 0,
 };
 
 /// `struct bpf_nf_ctx { const struct nf_hook_state *state; struct sk_buff *skb; }`.
@@ -83,11 +106,129 @@ unsafe fn try_nat_binding(ctx: *const BpfNfCtx) -> Option<()> {
     if status & IPS_CONFIRMED != 0 || status & IPS_NAT_MASK == 0 {
         return None;
     }
-    report(&cfg, ct, status)
+    report(&cfg, ct, status, 0)
+}
+
+/// fexit on `unsigned int nf_nat_setup_info(struct nf_conn *ct,
+/// const struct nf_nat_range2 *range, enum nf_nat_manip_type maniptype)`.
+///
+/// It runs once per manip type for every new conntrack entry that passes a NAT hook (the
+/// hook sets up a null binding when no rule matches): DST first (PREROUTING / OUTPUT), then
+/// SRC (POSTROUTING / INPUT). After the SRC manip the reply tuple is final, so that record,
+/// if the entry has any translation, is the binding. The DST record is pushed only when a
+/// real DNAT happened and is flagged [`EVENT_DST_MANIP`].
+///
+/// The tracing context is an array of u64: the three arguments, then the return value.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "fexit/nf_nat_setup_info")]
+pub extern "C" fn nat_setup_exit(ctx: *mut c_void) -> i32 {
+    // SAFETY: the kernel passes the arguments and return value as u64 slots; every kernel
+    // memory access goes through bpf_probe_read_kernel.
+    unsafe { try_nat_setup_exit(ctx.cast::<u64>()) };
+    0
 }
 
 #[inline(always)]
-fn report(cfg: &ProgramConfig, ct: *const u8, status: u64) -> Option<()> {
+unsafe fn try_nat_setup_exit(ctx: *const u64) -> Option<()> {
+    // SAFETY: slots 0..=3 exist for a 3-argument function's fexit program.
+    let (ct, maniptype, ret) = unsafe {
+        (
+            core::ptr::read_volatile(ctx) as *const u8,
+            core::ptr::read_volatile(ctx.add(2)),
+            core::ptr::read_volatile(ctx.add(3)),
+        )
+    };
+    if ct.is_null() || ret & 0xffff_ffff == NF_DROP {
+        return None;
+    }
+    // SAFETY: as above.
+    let cfg = unsafe { core::ptr::read_volatile(&raw const NAT_CONFIG) };
+    let status: u64 =
+        unsafe { bpf_probe_read_kernel(ct.add(cfg.ct_status as usize).cast()) }.ok()?;
+    if maniptype & 0xffff_ffff == NF_NAT_MANIP_SRC {
+        if status & IPS_NAT_MASK == 0 {
+            return None;
+        }
+        report(&cfg, ct, status, 0)
+    } else {
+        // IPS_DST_NAT: a real destination translation, not the null binding.
+        if status & (1 << 5) == 0 {
+            return None;
+        }
+        report(&cfg, ct, status, EVENT_DST_MANIP)
+    }
+}
+
+/// fentry on `void nf_ct_destroy(struct nf_conntrack *nfct)` (PROTOTYPE): every conntrack
+/// entry freed; `nfct` is the first member of `struct nf_conn`. Reports entries with a
+/// translation, with the accounting extension's counters.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "fentry/nf_ct_destroy")]
+pub extern "C" fn ct_destroy_entry(ctx: *mut c_void) -> i32 {
+    // SAFETY: slot 0 is the argument; kernel memory is read through bpf_probe_read_kernel.
+    unsafe { try_ct_destroy(ctx.cast::<u64>()) };
+    0
+}
+
+#[inline(always)]
+unsafe fn try_ct_destroy(ctx: *const u64) -> Option<()> {
+    // SAFETY: see above.
+    let ct = unsafe { core::ptr::read_volatile(ctx) } as *const u8;
+    if ct.is_null() {
+        return None;
+    }
+    let cfg = unsafe { core::ptr::read_volatile(&raw const NAT_CONFIG) };
+    let ecfg = unsafe { core::ptr::read_volatile(&raw const END_CONFIG) };
+    let status: u64 =
+        unsafe { bpf_probe_read_kernel(ct.add(cfg.ct_status as usize).cast()) }.ok()?;
+    if status & IPS_NAT_MASK == 0 {
+        return None;
+    }
+    let Some(mut entry) = NAT_ENDS.reserve::<EndEvent>(0) else {
+        if let Some(lost) = NAT_EVENTS_LOST.get_ptr_mut(LOST_SLOT) {
+            // SAFETY: per-CPU slot.
+            unsafe { *lost += 1 };
+        }
+        return None;
+    };
+    let ev = entry.as_mut_ptr();
+    // SAFETY: `ev` is a reserved, exclusively owned slot.
+    unsafe {
+        (*ev).boot_ns = bpf_ktime_get_boot_ns();
+        (*ev).status = status as u32;
+        (*ev).zone = if cfg.ct_zone_id == OFFSET_ABSENT {
+            0
+        } else {
+            bpf_probe_read_kernel(ct.add(cfg.ct_zone_id as usize).cast::<u16>()).unwrap_or(0)
+        };
+        (*ev).flags = 0;
+        (*ev).packets = [0; 2];
+        (*ev).bytes = [0; 2];
+        let ext: u64 = bpf_probe_read_kernel(ct.add(ecfg.ct_ext as usize).cast()).unwrap_or(0);
+        if ext != 0 {
+            let ext = ext as *const u8;
+            let off: u8 = bpf_probe_read_kernel(ext.add(ecfg.ext_acct_slot as usize)).unwrap_or(0);
+            if off != 0 {
+                // struct nf_conn_acct { struct nf_conn_counter { atomic64_t packets, bytes; } counter[2]; }
+                let acct = ext.add(off as usize).cast::<u64>();
+                (*ev).packets[0] = bpf_probe_read_kernel(acct).unwrap_or(0);
+                (*ev).bytes[0] = bpf_probe_read_kernel(acct.add(1)).unwrap_or(0);
+                (*ev).packets[1] = bpf_probe_read_kernel(acct.add(2)).unwrap_or(0);
+                (*ev).bytes[1] = bpf_probe_read_kernel(acct.add(3)).unwrap_or(0);
+                (*ev).flags = END_HAS_ACCT;
+            }
+        }
+        if bpf_probe_read_kernel_buf(ct.add(cfg.ct_tuple_orig as usize), &mut (*ev).orig).is_err() {
+            entry.discard(0);
+            return None;
+        }
+    }
+    entry.submit(0);
+    Some(())
+}
+
+#[inline(always)]
+fn report(cfg: &ProgramConfig, ct: *const u8, status: u64, flags: u16) -> Option<()> {
     let Some(mut entry) = NAT_EVENTS.reserve::<NatEvent>(0) else {
         if let Some(lost) = NAT_EVENTS_LOST.get_ptr_mut(LOST_SLOT) {
             // SAFETY: per-CPU slot, no concurrent writer on this CPU.
@@ -100,7 +241,7 @@ fn report(cfg: &ProgramConfig, ct: *const u8, status: u64) -> Option<()> {
     unsafe {
         (*ev).boot_ns = bpf_ktime_get_boot_ns();
         (*ev).status = status as u32;
-        (*ev).pad0 = 0;
+        (*ev).flags = flags;
         (*ev).pad1 = 0;
         (*ev).zone = if cfg.ct_zone_id == OFFSET_ABSENT {
             0
@@ -123,12 +264,12 @@ fn report(cfg: &ProgramConfig, ct: *const u8, status: u64) -> Option<()> {
     }
     // Batch wakeups: a wakeup per record halves the NAT's new-binding rate. Wake the agent
     // only when enough is waiting; otherwise it drains on its own short timer.
-    let flags = if NAT_EVENTS.query(BPF_RB_AVAIL_DATA.into()) >= cfg.wakeup_bytes {
+    let wake = if NAT_EVENTS.query(BPF_RB_AVAIL_DATA.into()) >= cfg.wakeup_bytes {
         BPF_RB_FORCE_WAKEUP
     } else {
         BPF_RB_NO_WAKEUP
     };
-    entry.submit(flags.into());
+    entry.submit(wake.into());
     Some(())
 }
 

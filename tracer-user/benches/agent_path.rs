@@ -62,7 +62,7 @@ fn events(layout: &KernelLayout) -> Vec<NatEvent> {
                 status: IPS_SRC_NAT,
                 mark: 0,
                 zone: 0,
-                pad0: 0,
+                flags: 0,
                 pad1: 0,
                 orig: raw_tuple(layout, sub, sport, server, 53),
                 reply: raw_tuple(layout, server, 53, public, ext),

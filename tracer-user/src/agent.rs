@@ -19,7 +19,7 @@ use tokio::{
 
 use crate::{
     binding::Binding,
-    capture::{Capture, StartEvent, netfilter},
+    capture::{Capture, StartEvent, fentry, netfilter},
     clock::{BootToUtc, now_unix_ns},
     conntrack::{self, ConntrackSysctls, CtEntry, DestroyListener, RecvOutcome},
     exit::{Status, UserError},
@@ -53,6 +53,49 @@ pub struct RunArgs {
     /// [default: sign_key of DIR/nattrace.toml; neither: segments are unsigned].
     #[arg(long, value_name = "FILE")]
     pub sign_key: Option<PathBuf>,
+    /// Capture backend: `netfilter` (BPF netfilter link, Linux >= 6.4) or `fentry`
+    /// (prototype: fexit on nf_nat_setup_info, for kernels that allow BPF trampolines).
+    #[arg(long, value_enum, default_value_t = Backend::Netfilter)]
+    pub backend: Backend,
+}
+
+/// The capture backends `nattrace run --backend` accepts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Backend {
+    Netfilter,
+    Fentry,
+}
+
+/// A backend's start-up check, done before the data directory is touched.
+enum Probed {
+    Netfilter(crate::capture::layout::KernelLayout),
+    Fentry(crate::capture::layout::KernelLayout, fentry::Target),
+}
+
+impl Probed {
+    fn probe(backend: Backend) -> Result<Self, crate::capture::CaptureError> {
+        Ok(match backend {
+            Backend::Netfilter => Self::Netfilter(netfilter::probe()?),
+            Backend::Fentry => {
+                let (layout, target) = fentry::probe()?;
+                Self::Fentry(layout, target)
+            }
+        })
+    }
+
+    fn attach(&self, ring_bytes: u32) -> Result<Box<dyn Capture>, crate::capture::CaptureError> {
+        Ok(match self {
+            Self::Netfilter(layout) => Box::new(netfilter::NetfilterCapture::attach(
+                layout,
+                netfilter::Options { ring_bytes },
+            )?),
+            Self::Fentry(layout, target) => Box::new(fentry::FentryCapture::attach(
+                layout,
+                target,
+                fentry::Options { ring_bytes },
+            )?),
+        })
+    }
 }
 
 fn parse_ring_bytes(s: &str) -> Result<u32, String> {
@@ -104,7 +147,7 @@ fn apply_retention_logged(dir: &std::path::Path, keep: Duration) {
 /// Runs the agent until SIGINT or SIGTERM.
 pub fn run(args: &RunArgs) -> anyhow::Result<Status> {
     preflight::check_privileges()?;
-    let layout = netfilter::probe().map_err(environment)?;
+    let probed = Probed::probe(args.backend).map_err(environment)?;
     let options = WriterOptions {
         max_segment_age: args.segment_max_age,
         ..WriterOptions::default()
@@ -145,13 +188,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<Status> {
     let sysctls = ConntrackSysctls::enable().map_err(environment)?;
     // Listen for ends before attaching, so no end of a captured binding is missed.
     let listener = DestroyListener::new(args.netlink_rcvbuf).map_err(environment)?;
-    let capture = netfilter::NetfilterCapture::attach(
-        &layout,
-        netfilter::Options {
-            ring_bytes: args.ring_bytes,
-        },
-    )
-    .map_err(environment)?;
+    let capture = probed.attach(args.ring_bytes).map_err(environment)?;
     let backend = capture.backend();
     writer.append_event(CoverageEvent::Attached {
         t_ns: now_unix_ns(),
@@ -161,7 +198,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<Status> {
     let mut agent = Agent {
         writer,
         tracker: Tracker::new(),
-        capture: Box::new(capture),
+        capture,
         listener,
         clock: BootToUtc::measure(),
         lost_seen: 0,

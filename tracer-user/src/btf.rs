@@ -96,8 +96,12 @@ enum Type {
 pub struct Btf {
     types: Vec<Type>,
     structs: HashMap<String, u32>,
-    /// Length of the string table, base included: split BTF string offsets continue from it.
-    strings_len: usize,
+    /// `BTF_KIND_FUNC` names to type ids (the ids a tracing program attaches to).
+    funcs: HashMap<String, u32>,
+    /// The string table, base included: split BTF string offsets continue from the base's.
+    strings: Vec<u8>,
+    /// How many types (void included) the base BTF has; 0 for a base itself.
+    base_types: usize,
 }
 
 /// The offset and size of a member reached through a path of member names.
@@ -157,23 +161,17 @@ impl Btf {
                 reason: "sections run past the end",
             });
         }
-        let strings = &data[strs_start..strs_start + str_len];
-        let (mut types, base_strings_len) = match base {
-            Some(b) => (b.types.clone(), b.strings_len),
-            None => (vec![Type::Void], 0),
+        // Split BTF names may point into the base's string table (offsets below its length)
+        // or into its own (offsets continuing the base's).
+        let mut all_strings = base.map(|b| b.strings.clone()).unwrap_or_default();
+        all_strings.extend_from_slice(&data[strs_start..strs_start + str_len]);
+        let (mut types, mut funcs) = match base {
+            Some(b) => (b.types.clone(), b.funcs.clone()),
+            None => (vec![Type::Void], HashMap::new()),
         };
         let name_at = |off: u32| -> Result<String, BtfError> {
             let off = off as usize;
-            let (s, off) = if off >= base_strings_len && base.is_some() {
-                (strings, off - base_strings_len)
-            } else if base.is_none() {
-                (strings, off)
-            } else {
-                // A name in the base's string table; split BTF of our structs never uses them
-                // for names we look up, so keep it anonymous.
-                return Ok(String::new());
-            };
-            let tail = s.get(off..).ok_or(BtfError::Malformed {
+            let tail = all_strings.get(off..).ok_or(BtfError::Malformed {
                 offset: strs_start + off,
                 reason: "string offset out of range",
             })?;
@@ -240,7 +238,15 @@ impl Btf {
                         target: size_or_type,
                     }
                 }
-                KIND_FWD | KIND_FUNC => Type::Other,
+                KIND_FUNC => {
+                    let name = name_at(name_off)?;
+                    if !name.is_empty() {
+                        let id = u32::try_from(types.len()).expect("BTF type ids fit u32");
+                        funcs.entry(name).or_insert(id);
+                    }
+                    Type::Other
+                }
+                KIND_FWD => Type::Other,
                 KIND_FUNC_PROTO => {
                     pos += 8 * vlen;
                     Type::Other
@@ -283,8 +289,25 @@ impl Btf {
         Ok(Self {
             types,
             structs,
-            strings_len: base_strings_len + str_len,
+            funcs,
+            strings: all_strings,
+            base_types: base.map_or(0, |b| b.types.len()),
         })
+    }
+
+    /// The type id of a function (`BTF_KIND_FUNC`), as a tracing program's `attach_btf_id`.
+    /// In split BTF the id continues the base's numbering, as the kernel expects.
+    #[must_use]
+    pub fn func_id(&self, name: &str) -> Option<u32> {
+        self.funcs.get(name).copied()
+    }
+
+    /// Whether the function is described by this BTF's own (split) part rather than its base:
+    /// attaching to it then needs the module's BTF object.
+    #[must_use]
+    pub fn func_in_split(&self, name: &str) -> bool {
+        self.func_id(name)
+            .is_some_and(|id| self.base_types > 0 && id as usize >= self.base_types)
     }
 
     /// Whether the BTF describes a struct of that name.
@@ -596,6 +619,47 @@ pub(crate) mod tests {
         b.int("int", 4);
         b.composite(false, "s", 4, &[("a", 1, 0)]);
         b.build()
+    }
+
+    /// Split BTF (a module's) on top of a base: ids and string offsets continue the base's,
+    /// and names may point into the base's string table.
+    #[test]
+    fn split_btf_finds_functions_and_base_named_members() {
+        let base_bytes = sample_bytes(); // strings "\0int\0s\0a\0"; types 1 int, 2 struct s
+        let base = Btf::parse(&base_bytes, None).unwrap();
+        let base_str_len = 9u32;
+        let mut types = Vec::new();
+        let mut push = |words: &[u32]| {
+            for w in words {
+                types.extend_from_slice(&w.to_le_bytes());
+            }
+        };
+        // 3: FUNC_PROTO returning int, no params
+        push(&[0, KIND_FUNC_PROTO << 24, 1]);
+        // 4: FUNC "f" (own string table, offset 1) of type 3
+        push(&[base_str_len + 1, KIND_FUNC << 24, 3]);
+        // 5: struct "m" (own, offset 3) with member named "a" from the base table (offset 7)
+        push(&[base_str_len + 3, (KIND_STRUCT << 24) | 1, 4, 7, 1, 0]);
+        let strings = b"\0f\0m\0";
+        let mut blob = Vec::new();
+        blob.extend_from_slice(&BTF_MAGIC.to_le_bytes());
+        blob.extend_from_slice(&[1, 0]);
+        let tl = u32::try_from(types.len()).unwrap();
+        let sl = u32::try_from(strings.len()).unwrap();
+        for v in [24, 0, tl, tl, sl] {
+            blob.extend_from_slice(&v.to_le_bytes());
+        }
+        blob.extend_from_slice(&types);
+        blob.extend_from_slice(strings);
+        let split = Btf::parse(&blob, Some(&base)).unwrap();
+        assert_eq!(split.func_id("f"), Some(4));
+        assert!(split.func_in_split("f"));
+        assert_eq!(split.func_id("nope"), None);
+        assert_eq!(
+            split.member("m", &["a"]).unwrap(),
+            MemberInfo { offset: 0, size: 4 }
+        );
+        assert!(split.has_struct("s"));
     }
 
     #[test]

@@ -1,9 +1,11 @@
 //! Capture backends: where binding starts come from.
 //!
-//! Every backend sits behind [`Capture`]. Today there is one, [`netfilter`]: a
-//! `BPF_PROG_TYPE_NETFILTER` program at POSTROUTING (Linux >= 6.4). The fentry and kprobe
-//! backends for distribution kernels come later behind the same trait.
+//! Every backend sits behind [`Capture`]: [`netfilter`], a `BPF_PROG_TYPE_NETFILTER`
+//! program at POSTROUTING (Linux >= 6.4, the default), and [`fentry`] (prototype), an fexit
+//! program on `nf_nat_setup_info` for distribution kernels. The kprobe backend comes later
+//! behind the same trait.
 
+pub mod fentry;
 pub mod layout;
 pub mod netfilter;
 

@@ -1,4 +1,5 @@
-//! Loads the netfilter program from the embedded eBPF object.
+//! Loads one program (the netfilter one, or the fentry backend's fexit one) from the
+//! embedded eBPF object.
 //!
 //! aya 0.14 can neither load nor attach `BPF_PROG_TYPE_NETFILTER`, and aya-obj rejects a
 //! `netfilter` section, so the program sits under a section aya-obj knows (`classifier/…`) and
@@ -13,7 +14,7 @@ use std::{
 
 use aya::maps::{Map, MapData, PerCpuArray, RingBuf};
 use aya_obj::{EbpfSectionKind, Object};
-use tracer_common::{ProgramConfig, names};
+use tracer_common::{EndConfig, ProgramConfig, names};
 
 use super::sys;
 use crate::capture::CaptureError;
@@ -23,14 +24,37 @@ pub struct LoadedProgram {
     pub prog: OwnedFd,
     pub events: RingBuf<MapData>,
     pub lost: PerCpuArray<MapData, u64>,
+    /// Ends ring (used only by the fentry backend's end program).
+    pub ends: RingBuf<MapData>,
 }
 
-/// Loads `object` (the tracer-ebpf ELF) with `config` as its offsets global and a ring
-/// buffer of `ring_bytes` (a power-of-two multiple of the page size).
+/// What the end program (fentry on nf_ct_destroy) needs; `Default` when it is not loaded.
+#[derive(Clone, Copy, Debug)]
+pub struct EndSpec {
+    pub config: EndConfig,
+    /// Ends ring size: a power-of-two multiple of the page size.
+    pub ring_bytes: u32,
+}
+
+impl Default for EndSpec {
+    fn default() -> Self {
+        Self {
+            config: EndConfig::default(),
+            ring_bytes: 4096,
+        }
+    }
+}
+
+/// Loads program `program` of `object` (the tracer-ebpf ELF) as `kind`, with `config` as its
+/// offsets global and a ring buffer of `ring_bytes` (a power-of-two multiple of the page
+/// size).
 pub fn load(
     object: &[u8],
     config: &ProgramConfig,
     ring_bytes: u32,
+    program: &str,
+    kind: sys::ProgKind<'_>,
+    end: &EndSpec,
 ) -> Result<LoadedProgram, CaptureError> {
     let obj_err = |what: &str, e: &dyn std::fmt::Display| CaptureError::Object {
         reason: format!("{what}: {e}"),
@@ -39,11 +63,22 @@ pub fn load(
 
     // SAFETY-free byte view of a plain `#[repr(C)]` struct without padding.
     let config_bytes = config_bytes(config);
-    obj.patch_map_data(HashMap::from([(
-        names::CONFIG_GLOBAL,
-        (config_bytes.as_slice(), true),
-    )]))
+    let end_bytes = [
+        end.config.ct_ext.to_ne_bytes(),
+        end.config.ext_acct_slot.to_ne_bytes(),
+    ]
+    .concat();
+    obj.patch_map_data(HashMap::from([
+        (names::CONFIG_GLOBAL, (config_bytes.as_slice(), true)),
+        (names::END_CONFIG_GLOBAL, (end_bytes.as_slice(), true)),
+    ]))
     .map_err(|e| obj_err("patch offsets", &e))?;
+    obj.maps
+        .get_mut(names::ENDS_MAP)
+        .ok_or_else(|| CaptureError::Object {
+            reason: format!("no map {}", names::ENDS_MAP),
+        })?
+        .set_max_entries(end.ring_bytes);
     obj.maps
         .get_mut(names::EVENTS_MAP)
         .ok_or_else(|| CaptureError::Object {
@@ -77,23 +112,26 @@ pub fn load(
     obj.relocate_calls(&text_sections)
         .map_err(|e| obj_err("relocate calls", &e))?;
 
-    let program = obj
-        .programs
-        .get(names::PROGRAM)
-        .ok_or_else(|| CaptureError::Object {
-            reason: format!("no program {}", names::PROGRAM),
-        })?;
+    let name = program;
+    let program = obj.programs.get(name).ok_or_else(|| CaptureError::Object {
+        reason: format!("no program {name}"),
+    })?;
     let function =
         obj.functions
             .get(&program.function_key())
             .ok_or_else(|| CaptureError::Object {
                 reason: "program has no instructions".into(),
             })?;
-    let prog = sys::prog_load_netfilter(names::PROGRAM, &function.instructions, &program.license)
-        .map_err(|f| CaptureError::Kernel {
-        step: "load netfilter program",
-        detail: format!("{}\n{}", f.error, f.verifier_log),
-    })?;
+    let prog =
+        sys::prog_load(kind, name, &function.instructions, &program.license).map_err(|f| {
+            CaptureError::Kernel {
+                step: match kind {
+                    sys::ProgKind::Netfilter => "load netfilter program",
+                    sys::ProgKind::Tracing { .. } => "load tracing program",
+                },
+                detail: format!("{}\n{}", f.error, f.verifier_log),
+            }
+        })?;
 
     let take = |name: &str, maps: &mut HashMap<String, MapData>| {
         maps.remove(name).ok_or_else(|| CaptureError::Object {
@@ -113,7 +151,18 @@ pub fn load(
             detail: e.to_string(),
         },
     )?;
-    Ok(LoadedProgram { prog, events, lost })
+    let ends = RingBuf::try_from(Map::RingBuf(take(names::ENDS_MAP, &mut maps)?)).map_err(|e| {
+        CaptureError::Kernel {
+            step: "open ends ring buffer",
+            detail: e.to_string(),
+        }
+    })?;
+    Ok(LoadedProgram {
+        prog,
+        events,
+        lost,
+        ends,
+    })
 }
 
 /// Writes a global-data map's initial bytes and freezes `.rodata`, as aya's private
@@ -195,6 +244,9 @@ mod tests {
         let obj =
             Object::parse(crate::capture::netfilter::EBPF_OBJECT).expect("embedded object parses");
         assert!(obj.programs.contains_key(names::PROGRAM));
+        assert!(obj.programs.contains_key(names::FEXIT_PROGRAM));
+        assert!(obj.programs.contains_key(names::END_PROGRAM));
+        assert!(obj.maps.contains_key(names::ENDS_MAP));
         assert!(obj.maps.contains_key(names::EVENTS_MAP));
         assert!(obj.maps.contains_key(names::LOST_MAP));
         let mut obj = obj;

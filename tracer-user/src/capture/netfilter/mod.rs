@@ -1,8 +1,8 @@
 //! The netfilter backend: a `BPF_PROG_TYPE_NETFILTER` program linked at NF_INET_POST_ROUTING
 //! for IPv4 and IPv6 in the agent's network namespace (Linux >= 6.4).
 
-mod loader;
-mod sys;
+pub(crate) mod loader;
+pub(crate) mod sys;
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
@@ -71,7 +71,14 @@ impl NetfilterCapture {
         // Wake the agent once a quarter of the ring (at most 256 KiB) is waiting; below that
         // it drains on its own timer. A wakeup per record would halve the NAT's rate.
         config.wakeup_bytes = u64::from(options.ring_bytes / 4).min(256 * 1024);
-        let loaded = loader::load(EBPF_OBJECT, &config, options.ring_bytes)?;
+        let loaded = loader::load(
+            EBPF_OBJECT,
+            &config,
+            options.ring_bytes,
+            tracer_common::names::PROGRAM,
+            sys::ProgKind::Netfilter,
+            &loader::EndSpec::default(),
+        )?;
         let mut links = Vec::with_capacity(2);
         for pf in [sys::NFPROTO_IPV4, sys::NFPROTO_IPV6] {
             let link = sys::link_netfilter(
@@ -114,35 +121,47 @@ impl Capture for NetfilterCapture {
     }
 
     fn drain(&mut self, out: &mut Vec<StartEvent>) -> usize {
-        let mut bad = 0;
-        while let Some(item) = self.events.next() {
-            if item.len() < size_of::<NatEvent>() {
-                bad += 1;
-                continue;
-            }
-            // SAFETY: the program writes exactly one `NatEvent` per record; read unaligned
-            // because ring-buffer records are only 8-byte aligned by contract.
-            let ev = unsafe { item.as_ptr().cast::<NatEvent>().read_unaligned() };
-            match self.tuple.decode_event(&ev) {
-                Some(start) => out.push(start),
-                None => bad += 1,
-            }
-        }
-        bad
+        drain_ring(&mut self.events, &self.tuple, |ev, _flags| out.push(ev))
     }
 
     fn lost(&self) -> Result<u64, CaptureError> {
-        let per_cpu = self
-            .lost
-            .get(&LOST_SLOT, 0)
-            .map_err(|e| CaptureError::Kernel {
-                step: "read loss counter",
-                detail: e.to_string(),
-            })?;
-        Ok(per_cpu.iter().sum())
+        read_lost(&self.lost)
     }
 
     fn detach(&mut self) {
         self.links.clear();
     }
+}
+
+/// Decodes every waiting ring-buffer record and hands it to `sink` with its `NatEvent::flags`. Returns how many records
+/// could not be decoded. Shared by the backends that push `NatEvent`s.
+pub(crate) fn drain_ring(
+    events: &mut RingBuf<MapData>,
+    tuple: &TupleLayout,
+    mut sink: impl FnMut(StartEvent, u16),
+) -> usize {
+    let mut bad = 0;
+    while let Some(item) = events.next() {
+        if item.len() < size_of::<NatEvent>() {
+            bad += 1;
+            continue;
+        }
+        // SAFETY: the program writes exactly one `NatEvent` per record; read unaligned
+        // because ring-buffer records are only 8-byte aligned by contract.
+        let ev = unsafe { item.as_ptr().cast::<NatEvent>().read_unaligned() };
+        match tuple.decode_event(&ev) {
+            Some(start) => sink(start, ev.flags),
+            None => bad += 1,
+        }
+    }
+    bad
+}
+
+/// Sums the per-CPU loss counter.
+pub(crate) fn read_lost(lost: &PerCpuArray<MapData, u64>) -> Result<u64, CaptureError> {
+    let per_cpu = lost.get(&LOST_SLOT, 0).map_err(|e| CaptureError::Kernel {
+        step: "read loss counter",
+        detail: e.to_string(),
+    })?;
+    Ok(per_cpu.iter().sum())
 }

@@ -1,5 +1,7 @@
-//! The few `bpf(2)` commands aya 0.14 cannot issue for a netfilter program: loading it with
-//! its real program type, linking it to a netfilter hook, and finalising global data maps.
+//! The few `bpf(2)` commands aya 0.14 cannot issue for our programs: loading a netfilter
+//! program with its real program type and linking it to a netfilter hook, loading an fexit
+//! program against a kernel module's BTF object (aya 0.14 never sets `attach_btf_obj_fd`),
+//! finding that object, attaching the fexit program, and finalising global data maps.
 //!
 //! Each `bpf_attr` variant used here is declared as its own `#[repr(C)]` struct with the
 //! kernel's field order (include/uapi/linux/bpf.h); the tests pin their layout.
@@ -21,9 +23,20 @@ pub const NFPROTO_IPV4: u32 = 2;
 /// `NFPROTO_IPV6`.
 pub const NFPROTO_IPV6: u32 = 10;
 
+/// `BPF_PROG_TYPE_TRACING`.
+pub const BPF_PROG_TYPE_TRACING: u32 = 26;
+/// `BPF_TRACE_FENTRY` attach type.
+pub const BPF_TRACE_FENTRY: u32 = 24;
+/// `BPF_TRACE_FEXIT` attach type.
+pub const BPF_TRACE_FEXIT: u32 = 25;
+
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_RAW_TRACEPOINT_OPEN: libc::c_long = 17;
+const BPF_BTF_GET_FD_BY_ID: libc::c_long = 19;
 const BPF_MAP_FREEZE: libc::c_long = 22;
+const BPF_BTF_GET_NEXT_ID: libc::c_long = 23;
 const BPF_LINK_CREATE: libc::c_long = 28;
 
 /// One eBPF instruction, as the kernel takes it.
@@ -44,6 +57,58 @@ struct ProgLoadAttr {
     prog_name: [u8; 16],
     prog_ifindex: u32,
     expected_attach_type: u32,
+    prog_btf_fd: u32,
+    func_info_rec_size: u32,
+    func_info: u64,
+    func_info_cnt: u32,
+    line_info_rec_size: u32,
+    line_info: u64,
+    line_info_cnt: u32,
+    attach_btf_id: u32,
+    /// `attach_btf_obj_fd` (union with `attach_prog_fd`): the module's BTF object, or 0 for
+    /// vmlinux.
+    attach_btf_obj_fd: u32,
+    core_relo_cnt: u32,
+}
+
+/// `BPF_BTF_GET_NEXT_ID` / `BPF_BTF_GET_FD_BY_ID` (`start_id`/`btf_id`, `next_id`, `open_flags`).
+#[repr(C)]
+#[derive(Default)]
+struct GetIdAttr {
+    id: u32,
+    next_id: u32,
+    open_flags: u32,
+}
+
+/// `BPF_OBJ_GET_INFO_BY_FD`.
+#[repr(C)]
+#[derive(Default)]
+struct InfoAttr {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
+}
+
+/// `struct bpf_btf_info`.
+#[repr(C)]
+#[derive(Default)]
+struct BtfInfo {
+    btf: u64,
+    btf_size: u32,
+    id: u32,
+    name: u64,
+    name_len: u32,
+    kernel_btf: u32,
+}
+
+/// `BPF_RAW_TRACEPOINT_OPEN`: with no name it attaches a tracing (fentry/fexit) program to
+/// the function it was loaded for.
+#[repr(C)]
+#[derive(Default)]
+struct RawTracepointAttr {
+    name: u64,
+    prog_fd: u32,
+    pad: u32,
 }
 
 #[repr(C)]
@@ -106,22 +171,54 @@ pub struct LoadFailure {
     pub verifier_log: String,
 }
 
-/// Loads a netfilter program. On failure, loads again with the verifier log on so the
-/// error can say why.
-pub fn prog_load_netfilter(
+/// What kind of program to load, and for tracing programs what it attaches to.
+#[derive(Clone, Copy, Debug)]
+pub enum ProgKind<'a> {
+    /// `BPF_PROG_TYPE_NETFILTER`, attach type `BPF_NETFILTER`.
+    Netfilter,
+    /// `BPF_PROG_TYPE_TRACING` with `expected_attach_type` (`BPF_TRACE_FENTRY`/`FEXIT`) on
+    /// the function whose BTF type id is `btf_id`, in the module BTF object `btf_obj` (None:
+    /// vmlinux).
+    Tracing {
+        attach_type: u32,
+        btf_id: u32,
+        btf_obj: Option<BorrowedFd<'a>>,
+    },
+}
+
+/// Loads a program. On failure, loads again with the verifier log on so the error can say
+/// why.
+pub fn prog_load(
+    kind: ProgKind<'_>,
     name: &str,
     insns: &[Insn],
     license: &CStr,
 ) -> Result<OwnedFd, LoadFailure> {
     let attempt = |log: Option<&mut Vec<u8>>| {
         let mut attr = ProgLoadAttr {
-            prog_type: BPF_PROG_TYPE_NETFILTER,
             insn_cnt: u32::try_from(insns.len()).expect("program fits u32 instructions"),
             insns: insns.as_ptr() as u64,
             license: license.as_ptr() as u64,
-            expected_attach_type: BPF_NETFILTER,
             ..Default::default()
         };
+        match kind {
+            ProgKind::Netfilter => {
+                attr.prog_type = BPF_PROG_TYPE_NETFILTER;
+                attr.expected_attach_type = BPF_NETFILTER;
+            }
+            ProgKind::Tracing {
+                attach_type,
+                btf_id,
+                btf_obj,
+            } => {
+                attr.prog_type = BPF_PROG_TYPE_TRACING;
+                attr.expected_attach_type = attach_type;
+                attr.attach_btf_id = btf_id;
+                attr.attach_btf_obj_fd = btf_obj.map_or(0, |fd| {
+                    u32::try_from(fd.as_raw_fd()).expect("fds are non-negative")
+                });
+            }
+        }
         for (dst, src) in attr.prog_name.iter_mut().zip(name.bytes().take(15)) {
             *dst = src;
         }
@@ -144,6 +241,59 @@ pub fn prog_load_netfilter(
             verifier_log: tail.into_iter().rev().collect::<Vec<_>>().join("\n"),
         }
     })
+}
+
+/// Attaches a loaded fentry/fexit program to the function it was loaded for. It stays
+/// attached while the returned fd is open.
+pub fn attach_tracing(prog: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    let mut attr = RawTracepointAttr {
+        prog_fd: u32::try_from(prog.as_raw_fd()).expect("fds are non-negative"),
+        ..Default::default()
+    };
+    bpf(BPF_RAW_TRACEPOINT_OPEN, &mut attr).map(fd_from)
+}
+
+/// Opens the kernel BTF object named `name` (a module's, e.g. `nf_nat`): walks the loaded
+/// BTF objects by id and asks each for its name. `Ok(None)` when no object has that name.
+pub fn kernel_btf_fd_by_name(name: &str) -> io::Result<Option<OwnedFd>> {
+    let mut id = 0u32;
+    loop {
+        let mut attr = GetIdAttr {
+            id,
+            ..Default::default()
+        };
+        match bpf(BPF_BTF_GET_NEXT_ID, &mut attr) {
+            Ok(_) => id = attr.next_id,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
+            Err(e) => return Err(e),
+        }
+        let mut attr = GetIdAttr {
+            id,
+            ..Default::default()
+        };
+        let fd = match bpf(BPF_BTF_GET_FD_BY_ID, &mut attr) {
+            Ok(ret) => fd_from(ret),
+            // Unloaded between the two calls.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
+            Err(e) => return Err(e),
+        };
+        let mut buf = [0u8; 64];
+        let mut info = BtfInfo {
+            name: buf.as_mut_ptr() as u64,
+            name_len: u32::try_from(buf.len()).expect("small"),
+            ..Default::default()
+        };
+        let mut attr = InfoAttr {
+            bpf_fd: u32::try_from(fd.as_raw_fd()).expect("fds are non-negative"),
+            info_len: u32::try_from(size_of::<BtfInfo>()).expect("small"),
+            info: std::ptr::from_mut(&mut info) as u64,
+        };
+        bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+        if info.kernel_btf != 0 && &buf[..end] == name.as_bytes() {
+            return Ok(Some(fd));
+        }
+    }
 }
 
 /// Links a loaded netfilter program to a hook in the caller's network namespace. The hook
@@ -197,6 +347,15 @@ mod tests {
         assert_eq!(offset_of!(ProgLoadAttr, log_buf), 32);
         assert_eq!(offset_of!(ProgLoadAttr, prog_name), 48);
         assert_eq!(offset_of!(ProgLoadAttr, expected_attach_type), 68);
+        assert_eq!(offset_of!(ProgLoadAttr, func_info), 80);
+        assert_eq!(offset_of!(ProgLoadAttr, line_info), 96);
+        assert_eq!(offset_of!(ProgLoadAttr, attach_btf_id), 108);
+        assert_eq!(offset_of!(ProgLoadAttr, attach_btf_obj_fd), 112);
+        assert_eq!(size_of::<ProgLoadAttr>(), 120);
+        assert_eq!(offset_of!(BtfInfo, name), 16);
+        assert_eq!(offset_of!(BtfInfo, kernel_btf), 28);
+        assert_eq!(size_of::<BtfInfo>(), 32);
+        assert_eq!(size_of::<RawTracepointAttr>(), 16);
         assert_eq!(offset_of!(LinkCreateNetfilterAttr, pf), 16);
         assert_eq!(offset_of!(LinkCreateNetfilterAttr, priority), 24);
         assert_eq!(size_of::<LinkCreateNetfilterAttr>(), 32);
