@@ -13,14 +13,15 @@ pub const TUPLE_BYTES: usize = 48;
 /// CONFIG_NF_CONNTRACK_MARK): the program then reports 0 for that field.
 pub const OFFSET_ABSENT: u32 = u32::MAX;
 
-/// One new NAT binding, as the netfilter program saw its first packet.
+/// One new NAT binding, as a capture program saw it set up (or, with [`EVENT_END`], the
+/// first part of an [`EndEvent`]).
 ///
 /// The tuples are raw copies of the kernel's `ct->tuplehash[dir].tuple`; the agent decodes
 /// them with member offsets read from the running kernel's BTF.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct NatEvent {
-    /// `bpf_ktime_get_boot_ns()` (CLOCK_BOOTTIME) when the packet was seen.
+    /// `bpf_ktime_get_boot_ns()` (CLOCK_BOOTTIME) when the binding was seen (or destroyed).
     pub boot_ns: u64,
     /// `ct->status` (IPS_* bits).
     pub status: u32,
@@ -28,8 +29,7 @@ pub struct NatEvent {
     pub mark: u32,
     /// `ct->zone.id`, 0 when the kernel has no conntrack zones.
     pub zone: u16,
-    /// `EVENT_*` bits saying where the record comes from (0: the netfilter program, or the
-    /// fexit program after the SRC manip, i.e. the complete binding).
+    /// `EVENT_*` bits saying what the record is (0: a complete binding's start).
     pub flags: u16,
     /// Reserved, zero.
     pub pad1: u32,
@@ -41,7 +41,7 @@ pub struct NatEvent {
 
 const _: () = assert!(core::mem::size_of::<NatEvent>() == 24 + 2 * TUPLE_BYTES);
 
-/// Kernel struct member offsets, in bytes, handed to the program as a read-only global
+/// Kernel struct member offsets, in bytes, handed to the programs as a read-only global
 /// (`.rodata`, frozen), so the verifier sees them as constants. Rust eBPF has no CO-RE:
 /// the agent fills this from the running kernel's BTF before loading.
 #[repr(C)]
@@ -62,61 +62,66 @@ pub struct ProgramConfig {
     /// Wake the consumer only once this many bytes wait in the ring buffer; below that the
     /// record is submitted without a wakeup and the agent drains on its own timer.
     pub wakeup_bytes: u64,
+    /// `offsetof(struct nf_conn, ct_net.net)`: the entry's network namespace.
+    pub ct_net: u32,
+    /// `offsetof(struct net, ns.inum)`: the namespace's inode number.
+    pub net_ns_inum: u32,
+    /// Report only entries of the network namespace with this inode number (the agent's);
+    /// 0 reports every namespace. The tracing and kprobe programs fire for every namespace on
+    /// the host; the netfilter program is linked to one and leaves this 0.
+    pub netns_ino: u32,
+    /// `offsetof(struct nf_conn, ext)`: the extension area (accounting, timestamps).
+    pub ct_ext: u32,
+    /// `offsetof(struct nf_ct_ext, offset) + NF_CT_EXT_ACCT`: the byte that locates the
+    /// accounting extension inside `ext` (0 there: absent), or [`OFFSET_ABSENT`].
+    pub ext_acct_slot: u32,
+    /// `offsetof(struct nf_ct_ext, offset) + NF_CT_EXT_TSTAMP`, or [`OFFSET_ABSENT`].
+    pub ext_tstamp_slot: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<ProgramConfig>() == 32);
+const _: () = assert!(core::mem::size_of::<ProgramConfig>() == 56);
 
 /// [`NatEvent::flags`]: the record was taken at fexit of `nf_nat_setup_info` for the DST
 /// manip (`NF_NAT_MANIP_DST`). The source translation may still follow, so the tuples are not
 /// yet final; the SRC-manip record of the same entry (flag clear) is the complete binding.
 pub const EVENT_DST_MANIP: u16 = 1;
+/// [`NatEvent::flags`]: the record is an [`EndEvent`] (the entry was destroyed).
+pub const EVENT_END: u16 = 2;
+/// [`NatEvent::flags`] of an end: the counters come from the accounting extension.
+pub const EVENT_HAS_ACCT: u16 = 4;
+/// [`NatEvent::flags`] of an end: `tstamp_start_ns` comes from the timestamp extension.
+pub const EVENT_HAS_TSTAMP: u16 = 8;
 
-/// One conntrack entry destroyed, as the fentry program on `nf_ct_destroy` saw it
-/// (PROTOTYPE: the agent only counts these so far).
+/// One conntrack entry with a translation destroyed, as the programs on the conntrack destroy
+/// path (`nf_ct_destroy`) saw it. Pushed into the same ring buffer as the starts, so an
+/// entry's end always follows its start there.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct EndEvent {
-    /// `bpf_ktime_get_boot_ns()` at destroy.
-    pub boot_ns: u64,
-    /// `ct->status`.
-    pub status: u32,
-    /// `ct->zone.id`, 0 without zones.
-    pub zone: u16,
-    /// [`END_HAS_ACCT`] when the accounting extension was present.
-    pub flags: u16,
-    /// Packets original, reply (from `struct nf_conn_acct`).
+    /// Time of destruction, status, zone, mark and both tuples; `flags` has [`EVENT_END`].
+    pub common: NatEvent,
+    /// Packets original, reply (from `struct nf_conn_acct`), when [`EVENT_HAS_ACCT`].
     pub packets: [u64; 2],
-    /// Bytes original, reply.
+    /// Bytes original, reply, when [`EVENT_HAS_ACCT`].
     pub bytes: [u64; 2],
-    /// Original-direction tuple bytes.
-    pub orig: [u8; TUPLE_BYTES],
+    /// `struct nf_conn_tstamp.start` (CLOCK_REALTIME ns) when [`EVENT_HAS_TSTAMP`].
+    pub tstamp_start_ns: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<EndEvent>() == 48 + TUPLE_BYTES);
+const _: () = assert!(core::mem::size_of::<EndEvent>() == core::mem::size_of::<NatEvent>() + 40);
 
-/// [`EndEvent::flags`]: the counters come from the accounting extension.
-pub const END_HAS_ACCT: u16 = 1;
-
-/// Offsets the end program needs besides [`ProgramConfig`]'s; `.rodata`, frozen.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-pub struct EndConfig {
-    /// `offsetof(struct nf_conn, ext)`.
-    pub ct_ext: u32,
-    /// `offsetof(struct nf_ct_ext, offset) + NF_CT_EXT_ACCT`: the u8 that locates the
-    /// accounting extension inside `ext` (0: absent).
-    pub ext_acct_slot: u32,
-}
-
-/// Index of the only slot of the per-CPU loss counter map.
+/// Slot of the per-CPU loss counter map counting starts that found the ring buffer full.
 pub const LOST_SLOT: u32 = 0;
+/// Slot counting ends that found the ring buffer full.
+pub const LOST_END_SLOT: u32 = 1;
 
 /// Names of the maps and globals in the eBPF object, shared so the loader and the program
 /// cannot disagree.
 pub mod names {
     /// Ring buffer of [`super::NatEvent`].
     pub const EVENTS_MAP: &str = "NAT_EVENTS";
-    /// Per-CPU array, one `u64`: ring-buffer reservations that failed (records lost).
+    /// Per-CPU array of `u64`: ring-buffer reservations that failed (records lost), starts
+    /// at [`super::LOST_SLOT`], ends at [`super::LOST_END_SLOT`].
     pub const LOST_MAP: &str = "NAT_EVENTS_LOST";
     /// The [`super::ProgramConfig`] global.
     pub const CONFIG_GLOBAL: &str = "NAT_CONFIG";
@@ -128,15 +133,20 @@ pub mod names {
     pub const FEXIT_TARGET: &str = "nf_nat_setup_info";
     /// The kernel module that holds [`FEXIT_TARGET`] on distribution kernels.
     pub const FEXIT_TARGET_MODULE: &str = "nf_nat";
-    /// Ring buffer of [`super::EndEvent`].
-    pub const ENDS_MAP: &str = "NAT_ENDS";
-    /// The [`super::EndConfig`] global.
-    pub const END_CONFIG_GLOBAL: &str = "END_CONFIG";
     /// The fentry program on `nf_ct_destroy`.
     pub const END_PROGRAM: &str = "ct_destroy_entry";
     /// The function it attaches to, and its module.
     pub const END_TARGET: &str = "nf_ct_destroy";
     pub const END_TARGET_MODULE: &str = "nf_conntrack";
+    /// The kprobe program on `__nf_conntrack_confirm(skb)` (the kprobe backend's starts).
+    pub const KPROBE_START_PROGRAM: &str = "ct_confirm_entry";
+    /// The function it probes.
+    pub const KPROBE_START_TARGET: &str = "__nf_conntrack_confirm";
+    /// The kprobe program on the destroy path (the kprobe backend's ends).
+    pub const KPROBE_END_PROGRAM: &str = "ct_destroy_kprobe";
+    /// Functions the end kprobe can probe, best first: `nf_ct_destroy` (Linux >= 5.19),
+    /// `destroy_conntrack` (older kernels, called through the `nf_ct_destroy` hook).
+    pub const KPROBE_END_TARGETS: [&str; 2] = ["nf_ct_destroy", "destroy_conntrack"];
 }
 
 #[cfg(feature = "user")]

@@ -19,7 +19,7 @@ use tokio::{
 
 use crate::{
     binding::Binding,
-    capture::{Capture, StartEvent, fentry, netfilter},
+    capture::{Backend, Capture, CapturedEnd, Lost, Probed, StartEvent},
     clock::{BootToUtc, now_unix_ns},
     conntrack::{self, ConntrackSysctls, CtEntry, DestroyListener, RecvOutcome},
     exit::{Status, UserError},
@@ -53,49 +53,12 @@ pub struct RunArgs {
     /// [default: sign_key of DIR/nattrace.toml; neither: segments are unsigned].
     #[arg(long, value_name = "FILE")]
     pub sign_key: Option<PathBuf>,
-    /// Capture backend: `netfilter` (BPF netfilter link, Linux >= 6.4) or `fentry`
-    /// (prototype: fexit on nf_nat_setup_info, for kernels that allow BPF trampolines).
-    #[arg(long, value_enum, default_value_t = Backend::Netfilter)]
+    /// Capture backend: `auto` (the first this kernel offers of netfilter, fentry,
+    /// kprobe; `nattrace probe` shows which and why), `netfilter` (BPF netfilter link,
+    /// Linux >= 6.4, ends from ctnetlink), `fentry` (fexit/fentry on the NAT set-up and
+    /// conntrack destroy functions) or `kprobe` (kprobes on conntrack confirm and destroy).
+    #[arg(long, value_enum, default_value_t = Backend::Auto)]
     pub backend: Backend,
-}
-
-/// The capture backends `nattrace run --backend` accepts.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum Backend {
-    Netfilter,
-    Fentry,
-}
-
-/// A backend's start-up check, done before the data directory is touched.
-enum Probed {
-    Netfilter(crate::capture::layout::KernelLayout),
-    Fentry(crate::capture::layout::KernelLayout, fentry::Target),
-}
-
-impl Probed {
-    fn probe(backend: Backend) -> Result<Self, crate::capture::CaptureError> {
-        Ok(match backend {
-            Backend::Netfilter => Self::Netfilter(netfilter::probe()?),
-            Backend::Fentry => {
-                let (layout, target) = fentry::probe()?;
-                Self::Fentry(layout, target)
-            }
-        })
-    }
-
-    fn attach(&self, ring_bytes: u32) -> Result<Box<dyn Capture>, crate::capture::CaptureError> {
-        Ok(match self {
-            Self::Netfilter(layout) => Box::new(netfilter::NetfilterCapture::attach(
-                layout,
-                netfilter::Options { ring_bytes },
-            )?),
-            Self::Fentry(layout, target) => Box::new(fentry::FentryCapture::attach(
-                layout,
-                target,
-                fentry::Options { ring_bytes },
-            )?),
-        })
-    }
 }
 
 fn parse_ring_bytes(s: &str) -> Result<u32, String> {
@@ -110,6 +73,43 @@ fn parse_ring_bytes(s: &str) -> Result<u32, String> {
         ));
     }
     Ok(v)
+}
+
+/// Attaches the first candidate the kernel accepts (some refusals, e.g. of trampolines,
+/// show only at load time), with the ctnetlink DESTROY listener when the backend does not
+/// capture ends itself. The listener is opened before attaching, so no end of a captured
+/// binding is missed.
+fn attach_first(
+    candidates: &[Probed],
+    args: &RunArgs,
+) -> anyhow::Result<(Box<dyn Capture>, Option<DestroyListener>)> {
+    let mut last_error = None;
+    for probed in candidates {
+        let listener = match probed.backend() {
+            Backend::Netfilter => {
+                Some(DestroyListener::new(args.netlink_rcvbuf).map_err(environment)?)
+            }
+            _ => None,
+        };
+        match probed.attach(args.ring_bytes) {
+            Ok(capture) => {
+                debug_assert_eq!(listener.is_none(), capture.captures_ends());
+                return Ok((Box::new(capture), listener));
+            }
+            Err(e @ crate::capture::CaptureError::Unsupported { .. })
+                if args.backend == Backend::Auto =>
+            {
+                info!(
+                    "backend {}: ruled out at load: {}",
+                    probed.backend().name(),
+                    with_causes(&e)
+                );
+                last_error = Some(e);
+            }
+            Err(e) => return Err(environment(e).into()),
+        }
+    }
+    Err(environment(last_error.expect("at least one candidate")).into())
 }
 
 /// How often the ring buffer and the listener are drained when no wakeup came, and pending
@@ -147,7 +147,7 @@ fn apply_retention_logged(dir: &std::path::Path, keep: Duration) {
 /// Runs the agent until SIGINT or SIGTERM.
 pub fn run(args: &RunArgs) -> anyhow::Result<Status> {
     preflight::check_privileges()?;
-    let probed = Probed::probe(args.backend).map_err(environment)?;
+    let candidates = Probed::candidates(args.backend).map_err(environment)?;
     let options = WriterOptions {
         max_segment_age: args.segment_max_age,
         ..WriterOptions::default()
@@ -186,9 +186,9 @@ pub fn run(args: &RunArgs) -> anyhow::Result<Status> {
     });
 
     let sysctls = ConntrackSysctls::enable().map_err(environment)?;
-    // Listen for ends before attaching, so no end of a captured binding is missed.
-    let listener = DestroyListener::new(args.netlink_rcvbuf).map_err(environment)?;
-    let capture = probed.attach(args.ring_bytes).map_err(environment)?;
+    // Backends without in-kernel ends take them from ctnetlink: listen before attaching, so
+    // no end of a captured binding is missed.
+    let (capture, listener) = attach_first(&candidates, args)?;
     let backend = capture.backend();
     writer.append_event(CoverageEvent::Attached {
         t_ns: now_unix_ns(),
@@ -201,9 +201,10 @@ pub fn run(args: &RunArgs) -> anyhow::Result<Status> {
         capture,
         listener,
         clock: BootToUtc::measure(),
-        lost_seen: 0,
+        lost_seen: Lost::default(),
         out: Vec::new(),
         starts: Vec::new(),
+        captured_ends: Vec::new(),
         ends: Vec::new(),
         disk_failing: false,
     };
@@ -238,12 +239,14 @@ struct Agent {
     writer: Writer,
     tracker: Tracker,
     capture: Box<dyn Capture>,
-    listener: DestroyListener,
+    /// The ctnetlink DESTROY listener, for backends that do not capture ends themselves.
+    listener: Option<DestroyListener>,
     clock: BootToUtc,
     /// Ring-buffer losses already recorded.
-    lost_seen: u64,
+    lost_seen: Lost,
     out: Vec<Binding>,
     starts: Vec<StartEvent>,
+    captured_ends: Vec<CapturedEnd>,
     ends: Vec<CtEntry>,
     /// The last flush failed; cleared by the next success.
     disk_failing: bool,
@@ -291,10 +294,16 @@ impl Agent {
             )
         }
         .map_err(|e| anyhow::anyhow!("registering the ring buffer with tokio: {e}"))?;
-        let netlink = unsafe {
-            AsyncFd::register_with_interest(Fd(self.listener.as_raw_fd()), Interest::READABLE)
-        }
-        .map_err(|e| anyhow::anyhow!("registering the ctnetlink socket with tokio: {e}"))?;
+        let netlink = match &self.listener {
+            // SAFETY: as above, the listener belongs to `self`.
+            Some(listener) => Some(
+                unsafe {
+                    AsyncFd::register_with_interest(Fd(listener.as_raw_fd()), Interest::READABLE)
+                }
+                .map_err(|e| anyhow::anyhow!("registering the ctnetlink socket with tokio: {e}"))?,
+            ),
+            None => None,
+        };
         let mut sigterm = signal(SignalKind::terminate())?;
         let mut sigint = signal(SignalKind::interrupt())?;
         let mut tick = tokio::time::interval(TICK);
@@ -340,7 +349,7 @@ impl Agent {
                     guard?.clear_ready();
                     self.drain_ring();
                 }
-                guard = netlink.readable() => {
+                guard = async { netlink.as_ref().expect("guarded").readable().await }, if netlink.is_some() => {
                     guard?.clear_ready();
                     reconcile_due |= self.drain_netlink();
                 }
@@ -410,7 +419,10 @@ impl Agent {
 
     fn drain_ring(&mut self) {
         self.starts.clear();
-        let bad = self.capture.drain(&mut self.starts);
+        self.captured_ends.clear();
+        let bad = self
+            .capture
+            .drain(&mut self.starts, &mut self.captured_ends);
         if bad > 0 {
             warn!("{bad} ring-buffer records could not be decoded");
         }
@@ -424,16 +436,27 @@ impl Agent {
                 &mut self.out,
             );
         }
+        // Ends after starts: an end read in the same batch as its start finds it open, and an
+        // end of an older entry with the same tuple closes the oldest binding first.
+        let now = now_unix_ns();
+        for end in self.captured_ends.drain(..) {
+            let mut entry = end.entry;
+            entry.stop_ns = Some(clock.to_unix_ns(end.boot_ns));
+            self.tracker.on_destroy(entry, now, &mut self.out);
+        }
         self.store_out();
     }
 
     /// Reads queued DESTROY events. Returns true when the listener overran (a reconciliation
     /// is then needed).
     fn drain_netlink(&mut self) -> bool {
+        let Some(listener) = &mut self.listener else {
+            return false;
+        };
         let mut overran = false;
         loop {
             self.ends.clear();
-            let outcome = self.listener.drain(&mut self.ends);
+            let outcome = listener.drain(&mut self.ends);
             let now = now_unix_ns();
             for entry in self.ends.drain(..) {
                 self.tracker.on_destroy(entry, now, &mut self.out);
@@ -463,7 +486,8 @@ impl Agent {
     }
 
     /// Records new ring-buffer losses. Returns true when there were some (a reconciliation
-    /// then recovers the starts of bindings still alive).
+    /// then recovers the starts of bindings still alive, and ends the bindings whose end was
+    /// lost).
     fn check_ring_losses(&mut self) -> bool {
         let lost = match self.capture.lost() {
             Ok(n) => n,
@@ -472,21 +496,35 @@ impl Agent {
                 return false;
             }
         };
-        if lost <= self.lost_seen {
-            return false;
-        }
-        let delta = lost - self.lost_seen;
+        let new_starts = lost.starts.saturating_sub(self.lost_seen.starts);
+        let new_ends = lost.ends.saturating_sub(self.lost_seen.ends);
         self.lost_seen = lost;
-        warn!(
-            "ring buffer full: {delta} binding starts lost ({lost} in total); recovering from conntrack"
-        );
-        self.writer.append_event(CoverageEvent::Loss {
-            t_ns: now_unix_ns(),
-            cause: LossCause::RingFull,
-            count: delta,
-            detail: "binding starts not captured (ring buffer full); live ones are recovered from the next conntrack dump, ended ones from their DESTROY event, with approximate starts".into(),
-        });
-        true
+        let t_ns = now_unix_ns();
+        if new_starts > 0 {
+            warn!(
+                "ring buffer full: {new_starts} binding starts lost ({} in total); recovering from conntrack",
+                lost.starts
+            );
+            self.writer.append_event(CoverageEvent::Loss {
+                t_ns,
+                cause: LossCause::RingFull,
+                count: new_starts,
+                detail: "binding starts not captured (ring buffer full); live ones are recovered from the next conntrack dump, ended ones from their end event, with approximate starts".into(),
+            });
+        }
+        if new_ends > 0 {
+            warn!(
+                "ring buffer full: {new_ends} binding ends lost ({} in total); reconciling with conntrack",
+                lost.ends
+            );
+            self.writer.append_event(CoverageEvent::Loss {
+                t_ns,
+                cause: LossCause::RingFull,
+                count: new_ends,
+                detail: "binding ends not captured (ring buffer full); the next conntrack dump closes those bindings with approximate ends, without counters".into(),
+            });
+        }
+        new_starts > 0 || new_ends > 0
     }
 
     fn store_out(&mut self) {

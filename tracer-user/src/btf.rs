@@ -98,6 +98,9 @@ pub struct Btf {
     structs: HashMap<String, u32>,
     /// `BTF_KIND_FUNC` names to type ids (the ids a tracing program attaches to).
     funcs: HashMap<String, u32>,
+    /// Enumerator names (of every `BTF_KIND_ENUM`/`ENUM64`) to values; C gives them one
+    /// namespace, so the first definition is the one.
+    enumerators: HashMap<String, i64>,
     /// The string table, base included: split BTF string offsets continue from the base's.
     strings: Vec<u8>,
     /// How many types (void included) the base BTF has; 0 for a base itself.
@@ -169,6 +172,7 @@ impl Btf {
             Some(b) => (b.types.clone(), b.funcs.clone()),
             None => (vec![Type::Void], HashMap::new()),
         };
+        let mut enumerators = base.map(|b| b.enumerators.clone()).unwrap_or_default();
         let name_at = |off: u32| -> Result<String, BtfError> {
             let off = off as usize;
             let tail = all_strings.get(off..).ok_or(BtfError::Malformed {
@@ -225,11 +229,27 @@ impl Btf {
                     }
                 }
                 KIND_ENUM => {
-                    pos += 8 * vlen;
+                    for _ in 0..vlen {
+                        let e_name = name_at(rd.u32(pos)?)?;
+                        // Signed when the kind flag is set; the values nattrace reads are small.
+                        let v = rd.u32(pos + 4)?;
+                        let v = if kind_flag {
+                            i64::from(v.cast_signed())
+                        } else {
+                            i64::from(v)
+                        };
+                        enumerators.entry(e_name).or_insert(v);
+                        pos += 8;
+                    }
                     Type::Sized { size: size_or_type }
                 }
                 KIND_ENUM64 => {
-                    pos += 12 * vlen;
+                    for _ in 0..vlen {
+                        let e_name = name_at(rd.u32(pos)?)?;
+                        let v = u64::from(rd.u32(pos + 4)?) | (u64::from(rd.u32(pos + 8)?) << 32);
+                        enumerators.entry(e_name).or_insert(v.cast_signed());
+                        pos += 12;
+                    }
                     Type::Sized { size: size_or_type }
                 }
                 KIND_FLOAT => Type::Sized { size: size_or_type },
@@ -290,9 +310,16 @@ impl Btf {
             types,
             structs,
             funcs,
+            enumerators,
             strings: all_strings,
             base_types: base.map_or(0, |b| b.types.len()),
         })
+    }
+
+    /// The value of an enumerator, e.g. `NF_CT_EXT_ACCT`.
+    #[must_use]
+    pub fn enumerator(&self, name: &str) -> Option<i64> {
+        self.enumerators.get(name).copied()
     }
 
     /// The type id of a function (`BTF_KIND_FUNC`), as a tracing program's `attach_btf_id`.
@@ -487,6 +514,22 @@ pub(crate) mod tests {
             self.types.extend_from_slice(&(size * 8).to_le_bytes());
         }
 
+        /// A 4-byte enum with `(name, value)` enumerators.
+        pub(crate) fn enumeration(&mut self, name: &str, values: &[(&str, u32)]) {
+            self.head(
+                name,
+                KIND_ENUM,
+                u32::try_from(values.len()).unwrap(),
+                false,
+                4,
+            );
+            for (e, v) in values {
+                let n = self.s(e);
+                self.types.extend_from_slice(&n.to_le_bytes());
+                self.types.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+
         pub(crate) fn typedef(&mut self, name: &str, target: u32) {
             self.head(name, KIND_TYPEDEF, 0, false, target);
         }
@@ -581,6 +624,22 @@ pub(crate) mod tests {
         );
         assert_eq!(btf.member("outer", &["last"]).unwrap().offset, 24);
         assert_eq!(btf.struct_size("outer").unwrap(), 32);
+    }
+
+    #[test]
+    fn enumerators_resolve_by_name_and_do_not_disturb_type_ids() {
+        let mut b = Builder::new();
+        b.int("int", 4); // 1
+        b.enumeration(
+            "nf_ct_ext_id",
+            &[("NF_CT_EXT_HELPER", 0), ("NF_CT_EXT_ACCT", 3)],
+        ); // 2
+        b.composite(false, "after", 4, &[("x", 1, 0)]); // 3
+        let btf = Btf::parse(&b.build(), None).unwrap();
+        assert_eq!(btf.enumerator("NF_CT_EXT_ACCT"), Some(3));
+        assert_eq!(btf.enumerator("NF_CT_EXT_HELPER"), Some(0));
+        assert_eq!(btf.enumerator("NF_CT_EXT_TSTAMP"), None);
+        assert_eq!(btf.member("after", &["x"]).unwrap().offset, 0);
     }
 
     #[test]

@@ -120,13 +120,15 @@ pub struct Features {
     pub kprobe_events: Finding,
     /// BPF_PROG_TYPE_KPROBE loads (the type exists even in kernels without kprobes).
     pub kprobe_program: Finding,
+    /// The conntrack functions the kprobe backend probes exist (/proc/kallsyms).
+    pub kprobe_targets: Finding,
     /// Kernel lockdown mode, when securityfs shows it.
     pub lockdown: Option<String>,
     /// Kernel config lines that bear on the backends, when the config is readable.
     pub config: Vec<String>,
 }
 
-/// A capture backend: the one this build has, and the fentry and kprobe backends to come.
+/// A capture backend, as `nattrace run --backend` names it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Backend {
@@ -143,11 +145,6 @@ impl Backend {
             Self::Kprobe => "kprobe",
         }
     }
-
-    /// Whether this build of nattrace contains the backend.
-    fn in_this_build(self) -> bool {
-        matches!(self, Self::Netfilter)
-    }
 }
 
 /// One backend's verdict.
@@ -156,7 +153,6 @@ pub struct BackendVerdict {
     pub backend: Backend,
     /// Whether the kernel offers what the backend needs.
     pub kernel: Finding,
-    pub in_this_build: bool,
 }
 
 /// What `nattrace run` (backend auto) would do.
@@ -170,7 +166,7 @@ pub struct Decision {
 }
 
 impl Decision {
-    /// Exit status: 0 when a backend of this build can run, 4 (environment) otherwise.
+    /// Exit status: 0 when a backend can run, 4 (environment) otherwise.
     #[must_use]
     pub fn status(&self) -> Status {
         if self.auto.is_some() {
@@ -182,7 +178,9 @@ impl Decision {
 }
 
 /// The nf_nat function the fentry backend hooks for binding starts.
-const FENTRY_START_TARGET: &str = "nf_nat_setup_info";
+const FENTRY_START_TARGET: &str = tracer_common::names::FEXIT_TARGET;
+/// The nf_conntrack function it hooks for binding ends.
+const FENTRY_END_TARGET: &str = tracer_common::names::END_TARGET;
 
 /// Pure: which backends the kernel allows, and the one `nattrace run` would pick.
 #[must_use]
@@ -198,20 +196,29 @@ pub fn decide(f: &Features) -> Decision {
         (_, _, l) => tag(l, "BPF netfilter link"),
     };
 
-    let nf_nat = f.modules.iter().find(|m| m.name == "nf_nat").map(|m| m.btf);
-    let target = match nf_nat {
-        Some(ModuleBtf::BuiltIn) => {
-            Finding::Yes(format!("{FENTRY_START_TARGET} is in vmlinux BTF"))
-        }
+    let module_target = |module: &str, function: &str| match f
+        .modules
+        .iter()
+        .find(|m| m.name == module)
+        .map(|m| m.btf)
+    {
+        Some(ModuleBtf::BuiltIn) => Finding::Yes(format!("{function} is in vmlinux BTF")),
         Some(ModuleBtf::Present) => Finding::Yes(format!(
-            "{FENTRY_START_TARGET} is in module BTF nf_nat (attach needs its BTF object fd)"
+            "{function} is in module BTF {module} (attach needs its BTF object fd)"
         )),
         Some(ModuleBtf::LoadedWithoutBtf) => Finding::No(format!(
-            "{FENTRY_START_TARGET} lives in module nf_nat, which publishes no BTF (needs CONFIG_DEBUG_INFO_BTF_MODULES, Linux >= 5.11)"
+            "{function} lives in module {module}, which publishes no BTF (needs CONFIG_DEBUG_INFO_BTF_MODULES, Linux >= 5.11)"
         )),
         Some(ModuleBtf::NotLoaded) | None => Finding::Unknown(format!(
-            "module nf_nat is not loaded: load it (modprobe nf_nat) to see whether {FENTRY_START_TARGET} can be attached"
+            "module {module} is not loaded: load it (modprobe {module}) to see whether {function} can be attached"
         )),
+    };
+    let target = match (
+        module_target("nf_nat", FENTRY_START_TARGET),
+        module_target("nf_conntrack", FENTRY_END_TARGET),
+    ) {
+        (Finding::Yes(a), Finding::Yes(b)) => Finding::Yes(format!("{a}; {b}")),
+        (Finding::Yes(_), other) | (other, _) => other,
     };
     let fentry = match (&f.offsets, &f.fentry_attach, &target) {
         (Finding::Yes(_), Finding::Yes(_), Finding::Yes(t)) => {
@@ -222,13 +229,19 @@ pub fn decide(f: &Features) -> Decision {
         (_, _, t) => tag(t, "fentry target"),
     };
 
-    let kprobe = match (&f.offsets, &f.kprobe_events, &f.kprobe_program) {
-        (Finding::Yes(_), Finding::Yes(_), Finding::Yes(_)) => {
-            Finding::Yes("kprobes and BPF kprobe programs".into())
+    let kprobe = match (
+        &f.offsets,
+        &f.kprobe_events,
+        &f.kprobe_program,
+        &f.kprobe_targets,
+    ) {
+        (Finding::Yes(_), Finding::Yes(_), Finding::Yes(_), Finding::Yes(t)) => {
+            Finding::Yes(format!("kprobes and BPF kprobe programs; {t}"))
         }
-        (o @ (Finding::No(_) | Finding::Unknown(_)), _, _) => tag(o, "struct offsets"),
-        (_, e @ (Finding::No(_) | Finding::Unknown(_)), _) => tag(e, "kprobes"),
-        (_, _, p) => tag(p, "BPF kprobe programs"),
+        (o @ (Finding::No(_) | Finding::Unknown(_)), _, _, _) => tag(o, "struct offsets"),
+        (_, e @ (Finding::No(_) | Finding::Unknown(_)), _, _) => tag(e, "kprobes"),
+        (_, _, p @ (Finding::No(_) | Finding::Unknown(_)), _) => tag(p, "BPF kprobe programs"),
+        (_, _, _, t) => tag(t, "kprobe targets"),
     };
 
     let backends: Vec<BackendVerdict> = [
@@ -237,35 +250,22 @@ pub fn decide(f: &Features) -> Decision {
         (Backend::Kprobe, kprobe),
     ]
     .into_iter()
-    .map(|(backend, kernel)| BackendVerdict {
-        backend,
-        kernel,
-        in_this_build: backend.in_this_build(),
-    })
+    .map(|(backend, kernel)| BackendVerdict { backend, kernel })
     .collect();
 
     let auto = backends
         .iter()
-        .find(|b| b.in_this_build && b.kernel.is_yes())
+        .find(|b| b.kernel.is_yes())
         .map(|b| b.backend);
-    let allowed_elsewhere: Vec<&str> = backends
-        .iter()
-        .filter(|b| !b.in_this_build && b.kernel.is_yes())
-        .map(|b| b.backend.name())
-        .collect();
     let undecided = backends
         .iter()
-        .any(|b| b.in_this_build && matches!(b.kernel, Finding::Unknown(_)));
-    let summary = match (auto, allowed_elsewhere.as_slice()) {
-        (Some(b), _) => format!("nattrace run would use the {} backend", b.name()),
-        (None, _) if undecided => {
+        .any(|b| matches!(b.kernel, Finding::Unknown(_)));
+    let summary = match auto {
+        Some(b) => format!("nattrace run would use the {} backend", b.name()),
+        None if undecided => {
             "cannot tell whether nattrace run can start: some probes were not made (see unknown above); nattrace run would fail here (exit 4)".into()
         }
-        (None, []) => "no backend can run on this kernel: nattrace run would fail (exit 4)".into(),
-        (None, names) => format!(
-            "no backend of this build can run: the kernel would allow {}, but the fentry and kprobe backends are not in this build yet",
-            names.join(" and ")
-        ),
+        None => "no backend can run on this kernel: nattrace run would fail (exit 4)".into(),
     };
     Decision {
         backends,
@@ -310,6 +310,7 @@ pub fn write_table(out: &mut dyn Write, f: &Features, d: &Decision) -> io::Resul
         ("fentry attach".into(), &f.fentry_attach),
         ("kprobes".into(), &f.kprobe_events),
         ("BPF kprobe program".into(), &f.kprobe_program),
+        ("kprobe targets".into(), &f.kprobe_targets),
     ]);
     let width = rows.iter().map(|(n, _)| n.len()).max().unwrap_or(0);
     for (name, finding) in &rows {
@@ -329,14 +330,9 @@ pub fn write_table(out: &mut dyn Write, f: &Features, d: &Decision) -> io::Resul
     writeln!(out)?;
     writeln!(out, "backends")?;
     for b in &d.backends {
-        let build = if b.in_this_build {
-            ""
-        } else {
-            " [not in this build yet]"
-        };
         writeln!(
             out,
-            "  {:<9}  {:<7}  {}{build}",
+            "  {:<9}  {:<7}  {}",
             b.backend.name(),
             b.kernel.label(),
             b.kernel.detail()
@@ -442,6 +438,7 @@ impl Features {
             fentry_attach,
             kprobe_events: probe_kprobe_events(),
             kprobe_program,
+            kprobe_targets: probe_kprobe_targets(),
             lockdown: lockdown(),
             config: kernel_config(),
         }
@@ -571,6 +568,16 @@ fn kernel_config() -> Vec<String> {
                 .map_or_else(|| format!("{opt} absent"), str::to_owned)
         })
         .collect()
+}
+
+fn probe_kprobe_targets() -> Finding {
+    match std::fs::read_to_string("/proc/kallsyms") {
+        Ok(list) => match crate::capture::kprobe::targets(&list) {
+            Ok(t) => Finding::Yes(format!("{} and {} in /proc/kallsyms", t.start, t.end)),
+            Err(e) => Finding::No(e.to_string()),
+        },
+        Err(e) => Finding::Unknown(format!("cannot read /proc/kallsyms: {e}")),
+    }
 }
 
 fn probe_kprobe_events() -> Finding {
@@ -811,6 +818,7 @@ mod tests {
             fentry_attach: yes(),
             kprobe_events: yes(),
             kprobe_program: yes(),
+            kprobe_targets: yes(),
             lockdown: None,
             config: Vec::new(),
         }
@@ -875,26 +883,37 @@ mod tests {
     }
 
     #[test]
-    fn bookworm_has_no_backend_of_this_build_but_names_fentry_and_kprobe() {
+    fn bookworm_uses_fentry_and_allows_kprobe() {
         let d = decide(&bookworm_6_1());
-        assert_eq!(d.auto, None);
-        assert_eq!(d.status(), Status::Environment);
+        assert_eq!(d.auto, Some(Backend::Fentry));
+        assert_eq!(d.status(), Status::Ok);
         assert!(matches!(verdict(&d, Backend::Netfilter), Finding::No(r) if r.contains(">= 6.4")));
         assert!(verdict(&d, Backend::Fentry).is_yes());
         assert!(verdict(&d, Backend::Kprobe).is_yes());
-        assert!(d.summary.contains("fentry and kprobe"), "{}", d.summary);
-        assert!(d.summary.contains("not in this build"), "{}", d.summary);
+        assert_eq!(d.summary, "nattrace run would use the fentry backend");
     }
 
     #[test]
-    fn bullseye_allows_kprobe_only_fentry_lacks_module_btf() {
+    fn bullseye_uses_kprobe_fentry_lacks_module_btf() {
         let d = decide(&bullseye_5_10());
-        assert_eq!(d.auto, None);
+        assert_eq!(d.auto, Some(Backend::Kprobe));
         assert!(
             matches!(verdict(&d, Backend::Fentry), Finding::No(r) if r.contains("publishes no BTF"))
         );
         assert!(verdict(&d, Backend::Kprobe).is_yes());
-        assert!(d.summary.contains("allow kprobe,"), "{}", d.summary);
+    }
+
+    #[test]
+    fn conntrack_not_loaded_rules_out_kprobe_with_the_reason() {
+        let f = Features {
+            kprobe_targets: no("conntrack is not loaded"),
+            ..bullseye_5_10()
+        };
+        let d = decide(&f);
+        assert_eq!(d.auto, None);
+        assert!(
+            matches!(verdict(&d, Backend::Kprobe), Finding::No(r) if r == "kprobe targets: conntrack is not loaded")
+        );
     }
 
     #[test]
@@ -964,11 +983,13 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("  fentry     yes      fentry attaches; nf_nat_setup_info is in module BTF nf_nat (attach needs its BTF object fd) [not in this build yet]"),
+            text.contains("  fentry     yes      fentry attaches; nf_nat_setup_info is in module BTF nf_nat (attach needs its BTF object fd); nf_ct_destroy is in module BTF nf_conntrack"),
             "{text}"
         );
-        assert!(text.contains("\nbackend auto would use: none\n"), "{text}");
-        assert!(text.trim_end().ends_with("not in this build yet"), "{text}");
+        assert!(
+            text.contains("\nbackend auto would use: fentry\n"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -1000,7 +1021,6 @@ mod tests {
         assert_eq!(v["features"]["fentry_attach"]["answer"], "no");
         assert_eq!(v["features"]["modules"][1]["btf"], "built_in");
         assert_eq!(v["decision"]["auto"], "netfilter");
-        assert_eq!(v["decision"]["backends"][2]["in_this_build"], false);
     }
 
     #[test]

@@ -6,11 +6,15 @@ use std::{
     path::Path,
 };
 
-use tracer_common::{NatEvent, OFFSET_ABSENT, ProgramConfig, TUPLE_BYTES};
+use tracer_common::{
+    EVENT_HAS_ACCT, EVENT_HAS_TSTAMP, EndEvent, NatEvent, OFFSET_ABSENT, ProgramConfig, TUPLE_BYTES,
+};
 
+use super::CapturedEnd;
 use crate::{
-    binding::{Tuple, is_icmp},
+    binding::{Counters, Tuple, is_icmp},
     btf::{Btf, BtfError},
+    conntrack::CtEntry,
 };
 
 /// Module split BTF that describes `nf_conn` on kernels building conntrack as a module.
@@ -64,11 +68,43 @@ pub struct KernelLayout {
 }
 
 impl KernelLayout {
+    /// The running kernel's layout, as every backend's check needs it: an error when the
+    /// kernel publishes no BTF or the BTF lacks what the programs read.
+    pub fn probe() -> Result<Self, super::CaptureError> {
+        if !Path::new(crate::btf::VMLINUX_BTF).exists() {
+            return Err(super::CaptureError::NoBtf {
+                path: crate::btf::VMLINUX_BTF.to_owned(),
+            });
+        }
+        Self::from_running_kernel().map_err(|source| super::CaptureError::Layout { source })
+    }
+
+    /// True when the programs can tell an entry's network namespace (the fentry and kprobe
+    /// backends need it: their hooks fire for every namespace).
+    #[must_use]
+    pub fn has_netns_filter(&self) -> bool {
+        self.program.ct_net != OFFSET_ABSENT && self.program.net_ns_inum != OFFSET_ABSENT
+    }
+
+    /// The programs' configuration: these offsets, wakeups batched for a ring of
+    /// `ring_bytes`, and only entries of the network namespace `netns_ino` reported (0: all).
+    #[must_use]
+    pub fn config_for(&self, ring_bytes: u32, netns_ino: u32) -> ProgramConfig {
+        let mut config = self.program;
+        // Wake the agent once a quarter of the ring (at most 256 KiB) is waiting; below that
+        // it drains on its own timer. A wakeup per record would halve the NAT's rate.
+        config.wakeup_bytes = u64::from(ring_bytes / 4).min(256 * 1024);
+        config.netns_ino = netns_ino;
+        config
+    }
+
     /// Reads the running kernel's BTF (and conntrack's module BTF when conntrack is a module).
     pub fn from_running_kernel() -> Result<Self, LayoutError> {
         let vmlinux = Btf::from_sys_fs()?;
         let module = Path::new(NF_CONNTRACK_MODULE_BTF);
-        let btf = if !vmlinux.has_struct("nf_conn") && module.exists() {
+        // The module's split BTF includes vmlinux's and adds what the module defines (on
+        // distribution kernels: nf_conn, its extensions and their enum).
+        let btf = if module.exists() {
             vmlinux.with_split_file(module)?
         } else {
             vmlinux
@@ -91,6 +127,27 @@ impl KernelLayout {
         let mark = btf
             .member("nf_conn", &["mark"])
             .map_or(OFFSET_ABSENT, |m| m.offset);
+        // For the programs that fire in every namespace (fentry, kprobe): which namespace an
+        // entry belongs to. Every distribution kernel has CONFIG_NET_NS.
+        // Absent offsets are checked by the backends that need them (`has_netns_filter`).
+        let ct_net = btf
+            .member("nf_conn", &["ct_net", "net"])
+            .ok()
+            .filter(|m| m.size == 8)
+            .map_or(OFFSET_ABSENT, |m| m.offset);
+        let ns_inum = btf
+            .member("net", &["ns", "inum"])
+            .ok()
+            .filter(|m| m.size == 4)
+            .map_or(OFFSET_ABSENT, |m| m.offset);
+        // For the end programs: the accounting and timestamp extensions. Their slots are the
+        // enumerators of `enum nf_ct_ext_id`, which depend on the kernel's configuration.
+        let ext = btf.member("nf_conn", &["ext"]).ok().filter(|m| m.size == 8);
+        let ext_offset = btf.member("nf_ct_ext", &["offset"]).ok();
+        let slot = |name: &str| match (ext, ext_offset, btf.enumerator(name)) {
+            (Some(_), Some(o), Some(v)) => u32::try_from(v).map_or(OFFSET_ABSENT, |v| o.offset + v),
+            _ => OFFSET_ABSENT,
+        };
 
         let t = "nf_conntrack_tuple";
         let size = btf.struct_size(t)?;
@@ -119,6 +176,12 @@ impl KernelLayout {
                 ct_zone_id: zone,
                 ct_mark: mark,
                 wakeup_bytes: 0,
+                ct_net,
+                net_ns_inum: ns_inum,
+                netns_ino: 0,
+                ct_ext: ext.map_or(0, |m| m.offset),
+                ext_acct_slot: slot("NF_CT_EXT_ACCT"),
+                ext_tstamp_slot: slot("NF_CT_EXT_TSTAMP"),
             },
             tuple,
         })
@@ -206,6 +269,38 @@ impl TupleLayout {
             boot_ns: ev.boot_ns,
         })
     }
+
+    /// Decodes an end record (flagged `EVENT_END`).
+    #[must_use]
+    pub fn decode_end(&self, ev: &EndEvent) -> Option<CapturedEnd> {
+        let c = &ev.common;
+        let (proto, orig) = self.decode(&c.orig)?;
+        let (_, reply) = self.decode(&c.reply)?;
+        let acct = c.flags & EVENT_HAS_ACCT != 0;
+        let counters = |dir: usize| {
+            acct.then_some(Counters {
+                packets: ev.packets[dir],
+                bytes: ev.bytes[dir],
+            })
+        };
+        Some(CapturedEnd {
+            boot_ns: c.boot_ns,
+            entry: CtEntry {
+                proto,
+                orig,
+                reply,
+                zone: c.zone,
+                mark: c.mark,
+                status: c.status,
+                orig_counters: counters(0),
+                reply_counters: counters(1),
+                start_ns: (c.flags & EVENT_HAS_TSTAMP != 0)
+                    .then(|| i64::try_from(ev.tstamp_start_ns).ok())
+                    .flatten(),
+                stop_ns: None,
+            },
+        })
+    }
 }
 
 #[cfg(test)]
@@ -279,6 +374,50 @@ mod tests {
     }
 
     #[test]
+    fn decodes_an_end_with_counters_and_timestamp_only_when_flagged() {
+        let common = NatEvent {
+            boot_ns: 42,
+            status: 0x1b8,
+            mark: 7,
+            zone: 3,
+            flags: tracer_common::EVENT_END | EVENT_HAS_ACCT,
+            pad1: 0,
+            orig: raw_v4(17, [100, 64, 0, 2], 4000, [203, 0, 113, 2], 53),
+            reply: raw_v4(17, [203, 0, 113, 2], 53, [203, 0, 113, 1], 61000),
+        };
+        let mut ev = EndEvent {
+            common,
+            packets: [2, 1],
+            bytes: [120, 80],
+            tstamp_start_ns: 1_700_000_000_000_000_000,
+        };
+        let end = linux6_layout().decode_end(&ev).unwrap();
+        assert_eq!(end.boot_ns, 42);
+        let e = &end.entry;
+        assert_eq!((e.proto, e.zone, e.mark, e.status), (17, 3, 7, 0x1b8));
+        assert_eq!((e.orig.src_port, e.reply.dst_port), (4000, 61000));
+        assert_eq!(
+            (e.orig_counters, e.reply_counters),
+            (
+                Some(Counters {
+                    packets: 2,
+                    bytes: 120
+                }),
+                Some(Counters {
+                    packets: 1,
+                    bytes: 80
+                })
+            )
+        );
+        // The timestamp flag is clear: no start time, whatever the field holds.
+        assert_eq!((e.start_ns, e.stop_ns), (None, None));
+        ev.common.flags = tracer_common::EVENT_END | EVENT_HAS_TSTAMP;
+        let e = linux6_layout().decode_end(&ev).unwrap().entry;
+        assert_eq!(e.orig_counters, None);
+        assert_eq!(e.start_ns, Some(1_700_000_000_000_000_000));
+    }
+
+    #[test]
     fn unknown_family_is_rejected() {
         let mut r = raw_v4(6, [1, 2, 3, 4], 1, [5, 6, 7, 8], 2);
         r[18..20].copy_from_slice(&7u16.to_ne_bytes());
@@ -292,5 +431,10 @@ mod tests {
         assert_eq!(k.tuple, linux6_layout());
         assert_ne!(k.program.skb_nfct, 0);
         assert!(k.program.ct_tuple_reply > k.program.ct_tuple_orig);
+        // What the fentry and kprobe programs need besides.
+        assert_ne!(k.program.ct_net, 0);
+        assert_ne!(k.program.ct_ext, 0);
+        assert_ne!(k.program.ext_acct_slot, OFFSET_ABSENT);
+        assert_ne!(k.program.ext_tstamp_slot, OFFSET_ABSENT);
     }
 }

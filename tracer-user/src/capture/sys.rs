@@ -1,7 +1,9 @@
-//! The few `bpf(2)` commands aya 0.14 cannot issue for our programs: loading a netfilter
-//! program with its real program type and linking it to a netfilter hook, loading an fexit
-//! program against a kernel module's BTF object (aya 0.14 never sets `attach_btf_obj_fd`),
-//! finding that object, attaching the fexit program, and finalising global data maps.
+//! The few `bpf(2)` and `perf_event_open(2)` calls the capture backends make themselves,
+//! because aya 0.14 cannot make them for programs it did not load: loading a netfilter
+//! program with its real program type and linking it to a netfilter hook, loading an
+//! fentry/fexit program against a kernel module's BTF object (aya 0.14 never sets
+//! `attach_btf_obj_fd`), finding that object, attaching the tracing program, loading a kprobe
+//! program and attaching it through a perf kprobe event, and finalising global data maps.
 //!
 //! Each `bpf_attr` variant used here is declared as its own `#[repr(C)]` struct with the
 //! kernel's field order (include/uapi/linux/bpf.h); the tests pin their layout.
@@ -23,6 +25,8 @@ pub const NFPROTO_IPV4: u32 = 2;
 /// `NFPROTO_IPV6`.
 pub const NFPROTO_IPV6: u32 = 10;
 
+/// `BPF_PROG_TYPE_KPROBE`.
+pub const BPF_PROG_TYPE_KPROBE: u32 = 2;
 /// `BPF_PROG_TYPE_TRACING`.
 pub const BPF_PROG_TYPE_TRACING: u32 = 26;
 /// `BPF_TRACE_FENTRY` attach type.
@@ -184,6 +188,8 @@ pub enum ProgKind<'a> {
         btf_id: u32,
         btf_obj: Option<BorrowedFd<'a>>,
     },
+    /// `BPF_PROG_TYPE_KPROBE`, attached later with [`attach_kprobe`].
+    Kprobe,
 }
 
 /// Loads a program. On failure, loads again with the verifier log on so the error can say
@@ -218,6 +224,7 @@ pub fn prog_load(
                     u32::try_from(fd.as_raw_fd()).expect("fds are non-negative")
                 });
             }
+            ProgKind::Kprobe => attr.prog_type = BPF_PROG_TYPE_KPROBE,
         }
         for (dst, src) in attr.prog_name.iter_mut().zip(name.bytes().take(15)) {
             *dst = src;
@@ -315,6 +322,103 @@ pub fn link_netfilter(
     bpf(BPF_LINK_CREATE, &mut attr).map(fd_from)
 }
 
+/// Where the kernel lists the dynamic PMU of kprobe perf events (Linux >= 4.17).
+const KPROBE_PMU_TYPE: &str = "/sys/bus/event_source/devices/kprobe/type";
+/// `PERF_ATTR_SIZE_VER5`: every field up to `sample_max_stack`; enough for a kprobe.
+const PERF_ATTR_SIZE: u32 = 112;
+/// `PERF_FLAG_FD_CLOEXEC`.
+const PERF_FLAG_FD_CLOEXEC: libc::c_ulong = 8;
+/// `PERF_EVENT_IOC_ENABLE`: `_IO('$', 0)`.
+const PERF_EVENT_IOC_ENABLE: libc::c_ulong = 0x2400;
+/// `PERF_EVENT_IOC_SET_BPF`: `_IOW('$', 8, __u32)`.
+const PERF_EVENT_IOC_SET_BPF: libc::c_ulong = 0x4004_2408;
+
+/// The prefix of `struct perf_event_attr` a kprobe event needs, `PERF_ATTR_SIZE` bytes.
+#[repr(C)]
+#[derive(Default)]
+struct PerfEventAttr {
+    kind: u32,
+    size: u32,
+    config: u64,
+    sample_period: u64,
+    sample_type: u64,
+    read_format: u64,
+    flags: u64,
+    wakeup_events: u32,
+    bp_type: u32,
+    /// `kprobe_func`: the probed function's name.
+    config1: u64,
+    /// `probe_offset`.
+    config2: u64,
+    branch_sample_type: u64,
+    sample_regs_user: u64,
+    sample_stack_user: u32,
+    clockid: i32,
+    sample_regs_intr: u64,
+    aux_watermark: u32,
+    sample_max_stack: u16,
+    reserved: u16,
+}
+
+/// True when the kernel offers kprobe perf events (a kernel built with CONFIG_KPROBES and
+/// CONFIG_KPROBE_EVENTS, Linux >= 4.17).
+#[must_use]
+pub fn kprobe_pmu_available() -> bool {
+    std::path::Path::new(KPROBE_PMU_TYPE).exists()
+}
+
+/// Creates a kprobe on the entry of kernel function `function` (in vmlinux or a loaded
+/// module) as a perf event, runs the loaded kprobe program `prog` on every hit, on every CPU,
+/// and enables it. The probe stays while the returned fd is open.
+pub fn attach_kprobe(prog: BorrowedFd<'_>, function: &str) -> io::Result<OwnedFd> {
+    let pmu: u32 = std::fs::read_to_string(KPROBE_PMU_TYPE)?
+        .trim()
+        .parse()
+        .map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{KPROBE_PMU_TYPE}: {e}"),
+            )
+        })?;
+    let name = std::ffi::CString::new(function)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let mut attr = PerfEventAttr {
+        kind: pmu,
+        size: PERF_ATTR_SIZE,
+        config1: name.as_ptr() as u64,
+        ..Default::default()
+    };
+    // SAFETY: `attr` is a zero-padded perf_event_attr prefix of the size it declares; `name`
+    // outlives the call. pid -1 with cpu 0 is how a system-wide kprobe is opened.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_perf_event_open,
+            std::ptr::from_mut(&mut attr),
+            -1 as libc::c_int,
+            0 as libc::c_int,
+            -1 as libc::c_int,
+            PERF_FLAG_FD_CLOEXEC,
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let event = fd_from(ret);
+    for (request, arg) in [
+        (
+            PERF_EVENT_IOC_SET_BPF,
+            libc::c_ulong::try_from(prog.as_raw_fd()).expect("fds are non-negative"),
+        ),
+        (PERF_EVENT_IOC_ENABLE, 0),
+    ] {
+        // SAFETY: both requests take an integer argument.
+        if unsafe { libc::ioctl(event.as_raw_fd(), request, arg) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(event)
+}
+
 /// Writes a global-data map's single value (key 0).
 pub fn map_update_key0(map: BorrowedFd<'_>, value: &[u8]) -> io::Result<()> {
     let key = 0u32;
@@ -361,5 +465,11 @@ mod tests {
         assert_eq!(size_of::<LinkCreateNetfilterAttr>(), 32);
         assert_eq!(offset_of!(MapElemAttr, key), 8);
         assert_eq!(offset_of!(MapElemAttr, flags), 24);
+        assert_eq!(offset_of!(PerfEventAttr, config), 8);
+        assert_eq!(offset_of!(PerfEventAttr, flags), 40);
+        assert_eq!(offset_of!(PerfEventAttr, config1), 56);
+        assert_eq!(offset_of!(PerfEventAttr, config2), 64);
+        assert_eq!(offset_of!(PerfEventAttr, sample_max_stack), 108);
+        assert_eq!(size_of::<PerfEventAttr>(), PERF_ATTR_SIZE as usize);
     }
 }
