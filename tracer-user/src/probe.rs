@@ -11,14 +11,19 @@
 
 use std::{
     io::{self, Write},
-    os::fd::{FromRawFd, OwnedFd},
+    os::fd::{AsFd as _, OwnedFd},
     path::Path,
 };
 
 use aya::programs::ProgramType;
 use serde::Serialize;
 
-use crate::{btf::VMLINUX_BTF, capture::layout::KernelLayout, exit::Status, output::ReportFormat};
+use crate::{
+    btf::VMLINUX_BTF,
+    capture::{layout::KernelLayout, sys},
+    exit::Status,
+    output::ReportFormat,
+};
 
 /// Arguments of `nattrace probe`.
 #[derive(Debug, clap::Args)]
@@ -608,120 +613,26 @@ fn probe_kprobe_events() -> Finding {
     }
 }
 
-// Raw bpf(2) calls for the two attach probes. aya 0.14 can neither load netfilter programs
-// nor load an fentry program without an object file, and a probe needs only two instructions.
-
-const BPF_PROG_LOAD: libc::c_long = 5;
-const BPF_RAW_TRACEPOINT_OPEN: libc::c_long = 17;
-const BPF_LINK_CREATE: libc::c_long = 28;
-const BPF_PROG_TYPE_TRACING: u32 = 26;
-const BPF_TRACE_FENTRY: u32 = 24;
-const BPF_PROG_TYPE_NETFILTER: u32 = 32;
-const BPF_NETFILTER: u32 = 45;
-const NFPROTO_IPV4: u32 = 2;
-const NF_INET_POST_ROUTING: u32 = 4;
-
-/// `union bpf_attr` for BPF_PROG_LOAD, up to `log_true_size` (Linux 6.4); older kernels
-/// accept it as long as the fields they do not know are zero.
-#[repr(C)]
-#[derive(Default)]
-struct ProgLoadAttr {
-    prog_type: u32,
-    insn_cnt: u32,
-    insns: u64,
-    license: u64,
-    log_level: u32,
-    log_size: u32,
-    log_buf: u64,
-    kern_version: u32,
-    prog_flags: u32,
-    prog_name: [u8; 16],
-    prog_ifindex: u32,
-    expected_attach_type: u32,
-    prog_btf_fd: u32,
-    func_info_rec_size: u32,
-    func_info: u64,
-    func_info_cnt: u32,
-    line_info_rec_size: u32,
-    line_info: u64,
-    line_info_cnt: u32,
-    attach_btf_id: u32,
-    attach_btf_obj_fd: u32,
-    core_relo_cnt: u32,
-    fd_array: u64,
-    core_relos: u64,
-    core_relo_rec_size: u32,
-    log_true_size: u32,
-}
-
-#[repr(C)]
-#[derive(Default)]
-struct RawTracepointOpenAttr {
-    name: u64,
-    prog_fd: u32,
-    _pad: u32,
-}
-
-#[repr(C)]
-#[derive(Default)]
-struct LinkCreateNetfilterAttr {
-    prog_fd: u32,
-    target_fd: u32,
-    attach_type: u32,
-    flags: u32,
-    pf: u32,
-    hooknum: u32,
-    priority: i32,
-    nf_flags: u32,
-}
-
-fn sys_bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<OwnedFd> {
-    // SAFETY: attr is a live, properly sized `union bpf_attr` prefix for cmd.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            std::ptr::from_mut(attr),
-            size_of::<T>() as libc::c_ulong,
-        )
-    };
-    if ret < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let fd = i32::try_from(ret).map_err(|_| io::Error::other("bpf returned a bad fd"))?;
-    // SAFETY: on success these commands return a new fd that we own.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
+// The two attach probes load two-instruction programs through the agent's own bpf(2)
+// calls (aya 0.14 can neither load netfilter programs nor load an fentry program without an
+// object file).
 
 /// `r0 = imm; exit`.
-fn return_program(imm: i32) -> [u64; 2] {
+fn return_program(imm: i32) -> [sys::Insn; 2] {
     let mov = 0xb7u64 | (u64::from(imm.cast_unsigned()) << 32); // BPF_ALU64|BPF_MOV|BPF_K, dst r0
     let exit = 0x95u64; // BPF_JMP|BPF_EXIT
-    [mov, exit]
+    // SAFETY: `bpf_insn` is a plain 8-byte struct; these are the instructions' encodings.
+    [mov, exit].map(|raw| unsafe { std::mem::transmute::<u64, sys::Insn>(raw) })
 }
 
-fn load(prog_type: u32, attach_type: u32, attach_btf_id: u32, imm: i32) -> io::Result<OwnedFd> {
-    let insns = return_program(imm);
-    let license = c"GPL";
-    let mut attr = ProgLoadAttr {
-        prog_type,
-        insn_cnt: 2,
-        insns: insns.as_ptr() as u64,
-        license: license.as_ptr() as u64,
-        expected_attach_type: attach_type,
-        attach_btf_id,
-        ..Default::default()
-    };
-    for (dst, src) in attr.prog_name.iter_mut().zip(b"nattrace_probe") {
-        *dst = *src;
-    }
-    sys_bpf(BPF_PROG_LOAD, &mut attr)
+fn load(kind: sys::ProgKind<'_>, imm: i32) -> io::Result<OwnedFd> {
+    sys::prog_load(kind, "nattrace_probe", &return_program(imm), c"GPL").map_err(|f| f.error)
 }
 
 /// Loads an accept-everything netfilter program and links it at IPv4 POSTROUTING for the
 /// moment of the probe.
 fn probe_netfilter_link() -> Finding {
-    let prog = match load(BPF_PROG_TYPE_NETFILTER, BPF_NETFILTER, 0, 1) {
+    let prog = match load(sys::ProgKind::Netfilter, 1) {
         Ok(p) => p,
         Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::E2BIG)) => {
             return Finding::No(format!(
@@ -730,15 +641,12 @@ fn probe_netfilter_link() -> Finding {
         }
         Err(e) => return Finding::No(format!("loading a netfilter program failed: {e}")),
     };
-    let mut attr = LinkCreateNetfilterAttr {
-        prog_fd: raw(&prog),
-        attach_type: BPF_NETFILTER,
-        pf: NFPROTO_IPV4,
-        hooknum: NF_INET_POST_ROUTING,
-        priority: i32::MAX - 2,
-        ..Default::default()
-    };
-    match sys_bpf(BPF_LINK_CREATE, &mut attr) {
+    match sys::link_netfilter(
+        prog.as_fd(),
+        sys::NFPROTO_IPV4,
+        sys::NF_INET_POST_ROUTING,
+        i32::MAX - 2,
+    ) {
         Ok(_link) => {
             Finding::Yes("linked a test program at IPv4 POSTROUTING, then unlinked".into())
         }
@@ -746,11 +654,6 @@ fn probe_netfilter_link() -> Finding {
             "link create failed: {e} (needs CONFIG_NETFILTER_BPF_LINK)"
         )),
     }
-}
-
-fn raw(fd: &OwnedFd) -> u32 {
-    use std::os::fd::AsRawFd;
-    u32::try_from(fd.as_raw_fd()).expect("fds are non-negative")
 }
 
 /// The vmlinux function the fentry probe attaches to: the kernel's own BPF self-test hook,
@@ -765,17 +668,18 @@ fn probe_fentry(btf: &aya_obj::btf::Btf) -> Finding {
             "not probed: vmlinux BTF has no function {FENTRY_PROBE_TARGET}"
         ));
     };
-    let prog = match load(BPF_PROG_TYPE_TRACING, BPF_TRACE_FENTRY, id, 0) {
+    let kind = sys::ProgKind::Tracing {
+        attach_type: sys::BPF_TRACE_FENTRY,
+        btf_id: id,
+        btf_obj: None,
+    };
+    let prog = match load(kind, 0) {
         Ok(p) => p,
         Err(e) => {
             return Finding::No(format!("loading fentry/{FENTRY_PROBE_TARGET} refused: {e}"));
         }
     };
-    let mut attr = RawTracepointOpenAttr {
-        prog_fd: raw(&prog),
-        ..Default::default()
-    };
-    match sys_bpf(BPF_RAW_TRACEPOINT_OPEN, &mut attr) {
+    match sys::attach_tracing(prog.as_fd()) {
         Ok(_link) => Finding::Yes(format!(
             "attached fentry/{FENTRY_PROBE_TARGET}, then detached"
         )),
@@ -1025,13 +929,10 @@ mod tests {
 
     #[test]
     fn return_program_encodes_mov_and_exit() {
-        let p = return_program(1);
+        // SAFETY: an instruction is 8 plain bytes.
+        let p = return_program(1).map(|i| unsafe { std::mem::transmute::<sys::Insn, u64>(i) });
         assert_eq!(p[0].to_le_bytes(), [0xb7, 0, 0, 0, 1, 0, 0, 0]);
         assert_eq!(p[1].to_le_bytes(), [0x95, 0, 0, 0, 0, 0, 0, 0]);
-        assert_eq!(size_of::<ProgLoadAttr>(), 144);
-        assert_eq!(std::mem::offset_of!(ProgLoadAttr, attach_btf_id), 108);
-        assert_eq!(std::mem::offset_of!(ProgLoadAttr, fd_array), 120);
-        assert_eq!(size_of::<LinkCreateNetfilterAttr>(), 32);
     }
 
     /// The real probe on this host (kernel 6.18, see ../shared/TOOLCHAIN.md): netfilter yes,
