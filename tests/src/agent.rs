@@ -31,6 +31,24 @@ pub fn nattrace_bin() -> PathBuf {
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/nattrace"))
 }
 
+/// Environment variable naming the capture backend every agent of the tests uses
+/// (`nattrace run --backend VALUE`); unset or empty: nattrace's default.
+pub const BACKEND_ENV: &str = "NATTRACE_BACKEND";
+
+/// The `--backend VALUE` arguments [`Agent::start_with`] adds for `backend` (the value of
+/// [`BACKEND_ENV`]): none when it is unset or empty, or when `extra` already chooses one
+/// (`--backend X` or `--backend=X`).
+#[must_use]
+pub fn backend_args(extra: &[&str], backend: Option<&str>) -> Vec<String> {
+    let chosen = extra
+        .iter()
+        .any(|a| *a == "--backend" || a.starts_with("--backend="));
+    match backend {
+        Some(b) if !b.is_empty() && !chosen => vec!["--backend".into(), b.into()],
+        _ => Vec::new(),
+    }
+}
+
 /// Fails with a clear message if the binary is missing.
 pub fn require_bin(bin: &Path) -> Result<()> {
     if !bin.is_file() {
@@ -154,6 +172,8 @@ impl Cli {
 pub struct Losses {
     /// Starts lost because the eBPF ring buffer was full.
     pub ring_full: u64,
+    /// Ends lost because the eBPF ring buffer was full (fentry and kprobe backends).
+    pub ring_full_end: u64,
     /// ctnetlink events lost to socket overruns.
     pub netlink_overrun: u64,
     /// Records lost to disk errors.
@@ -170,6 +190,7 @@ impl Losses {
         };
         Ok(Losses {
             ring_full: get("ring_full")?,
+            ring_full_end: get("ring_full_end")?,
             netlink_overrun: get("netlink_overrun")?,
             disk_error: get("disk_error")?,
         })
@@ -299,10 +320,17 @@ impl Agent {
     }
 
     /// Like [`Agent::start`] with a given binary.
+    ///
+    /// When `NATTRACE_BACKEND` ([`BACKEND_ENV`]) is set and not empty, `--backend VALUE` is
+    /// appended, unless `extra` already contains `--backend`: the same tests then run against
+    /// the backend it names (`cargo xtask vm-test` runs them once per backend a kernel offers).
+    /// A value `nattrace run` does not accept makes the start fail with its message.
     pub fn start_with(bin: &Path, lab: &Lab, data_dir: &Path, extra: &[&str]) -> Result<Agent> {
         require_bin(bin)?;
         let mut cmd = lab.command_in(Ns::Nat, bin);
         cmd.arg("run").arg("--data-dir").arg(data_dir).args(extra);
+        let backend = std::env::var(BACKEND_ENV).ok();
+        cmd.args(backend_args(extra, backend.as_deref()));
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -472,10 +500,27 @@ mod tests {
     #[test]
     fn reads_losses() {
         let v: Value = serde_json::from_str(
-            r#"{"losses":{"ring_full":3,"netlink_overrun":0,"disk_error":0}}"#,
+            r#"{"losses":{"ring_full":3,"ring_full_end":0,"netlink_overrun":0,"disk_error":0}}"#,
         )
         .unwrap();
         assert_eq!(Losses::from_stats(&v).unwrap().ring_full, 3);
         assert!(Losses::from_stats(&serde_json::json!({})).is_err());
+    }
+
+    #[test]
+    fn backend_from_the_environment() {
+        let none: Vec<String> = Vec::new();
+        assert_eq!(backend_args(&[], None), none);
+        assert_eq!(backend_args(&[], Some("")), none);
+        assert_eq!(
+            backend_args(&["--segment-max-age", "4s"], Some("fentry")),
+            ["--backend", "fentry"]
+        );
+        // The test's own choice wins.
+        assert_eq!(
+            backend_args(&["--backend", "netfilter"], Some("fentry")),
+            none
+        );
+        assert_eq!(backend_args(&["--backend=netfilter"], Some("kprobe")), none);
     }
 }

@@ -519,7 +519,7 @@ impl Agent {
             );
             self.writer.append_event(CoverageEvent::Loss {
                 t_ns,
-                cause: LossCause::RingFull,
+                cause: LossCause::RingFullEnd,
                 count: new_ends,
                 detail: "binding ends not captured (ring buffer full); the next conntrack dump closes those bindings with approximate ends, without counters".into(),
             });

@@ -243,7 +243,8 @@ impl Coverage {
 /// What a loss count counts.
 fn loss_noun(cause: LossCause) -> &'static str {
     match cause {
-        LossCause::RingFull => "ring-buffer records",
+        LossCause::RingFull => "start events",
+        LossCause::RingFullEnd => "end events",
         LossCause::NetlinkOverrun => "conntrack events",
         LossCause::DiskError => "records",
     }
@@ -545,7 +546,7 @@ mod tests {
         assert_eq!(
             cov.warning().unwrap(),
             "1970-01-01T00:00:02Z..1970-01-01T00:00:06Z is not fully covered by capture \
-             (12 ring-buffer records lost to ring_full at 1970-01-01T00:00:02.5Z)"
+             (12 start events lost to ring_full at 1970-01-01T00:00:02.5Z)"
         );
     }
 

@@ -27,6 +27,8 @@ pub struct StatsArgs {
 pub struct Losses {
     /// [`LossCause::RingFull`].
     pub ring_full: u64,
+    /// [`LossCause::RingFullEnd`].
+    pub ring_full_end: u64,
     /// [`LossCause::NetlinkOverrun`].
     pub netlink_overrun: u64,
     /// [`LossCause::DiskError`].
@@ -38,6 +40,7 @@ impl Losses {
     pub fn get_mut(&mut self, cause: LossCause) -> &mut u64 {
         match cause {
             LossCause::RingFull => &mut self.ring_full,
+            LossCause::RingFullEnd => &mut self.ring_full_end,
             LossCause::NetlinkOverrun => &mut self.netlink_overrun,
             LossCause::DiskError => &mut self.disk_error,
         }
@@ -132,8 +135,8 @@ pub fn execute(
             let time = |t: Option<i64>| t.map_or_else(|| "-".to_owned(), format_time_ms);
             let l = &stats.losses;
             let losses = format!(
-                "ring_full={} netlink_overrun={} disk_error={}",
-                l.ring_full, l.netlink_overrun, l.disk_error
+                "ring_full={} ring_full_end={} netlink_overrun={} disk_error={}",
+                l.ring_full, l.ring_full_end, l.netlink_overrun, l.disk_error
             );
             let rows = [
                 ("bindings", stats.bindings.to_string()),
@@ -202,7 +205,7 @@ mod tests {
             v,
             serde_json::json!({
                 "bindings": 2, "open_bindings": 1,
-                "losses": {"ring_full": 15, "netlink_overrun": 0, "disk_error": 0},
+                "losses": {"ring_full": 15, "ring_full_end": 0, "netlink_overrun": 0, "disk_error": 0},
                 "starts_recovered": 1, "segments": 1, "bytes_on_disk": v["bytes_on_disk"].as_u64().unwrap(),
                 "agent_running": true,
                 "first_start": "1970-01-01T00:00:03.000000000Z", "last_end": "1970-01-01T00:00:04.000000000Z"
@@ -219,7 +222,9 @@ mod tests {
         assert_eq!(execute(&args, &mut out, &mut err).unwrap(), Status::Ok);
         let text = String::from_utf8(out).unwrap();
         assert!(
-            text.contains("losses            ring_full=15 netlink_overrun=0 disk_error=0"),
+            text.contains(
+                "losses            ring_full=15 ring_full_end=0 netlink_overrun=0 disk_error=0"
+            ),
             "{text}"
         );
         assert!(text.contains("agent running     no"), "{text}");

@@ -51,17 +51,26 @@ pub enum LossCause {
     NetlinkOverrun = 2,
     /// Writing to the data directory failed: records were dropped.
     DiskError = 3,
+    /// The eBPF ring buffer was full: binding ends were dropped in the kernel (fentry and
+    /// kprobe backends, which capture ends themselves).
+    RingFullEnd = 4,
 }
 
 impl LossCause {
     /// All causes, in the order they are reported.
-    pub const ALL: [Self; 3] = [Self::RingFull, Self::NetlinkOverrun, Self::DiskError];
+    pub const ALL: [Self; 4] = [
+        Self::RingFull,
+        Self::RingFullEnd,
+        Self::NetlinkOverrun,
+        Self::DiskError,
+    ];
 
-    /// Name as printed: "ring_full", "netlink_overrun", "disk_error".
+    /// Name as printed: "ring_full", "ring_full_end", "netlink_overrun", "disk_error".
     #[must_use]
     pub fn as_str(self) -> &'static str {
         match self {
             Self::RingFull => "ring_full",
+            Self::RingFullEnd => "ring_full_end",
             Self::NetlinkOverrun => "netlink_overrun",
             Self::DiskError => "disk_error",
         }
@@ -74,6 +83,7 @@ impl LossCause {
             1 => Some(Self::RingFull),
             2 => Some(Self::NetlinkOverrun),
             3 => Some(Self::DiskError),
+            4 => Some(Self::RingFullEnd),
             _ => None,
         }
     }
