@@ -157,6 +157,16 @@ pub fn run(args: &RunArgs) -> anyhow::Result<Status> {
     let signer = config
         .signer(args.sign_key.as_deref())
         .map_err(|e| UserError::environment(format!("signing key: {}", with_causes(&e))))?;
+    let started_ns = now_unix_ns();
+
+    // Attach before the data directory is touched: some refusals (e.g. of trampolines) show
+    // only when loading. Records wait in the ring buffer meanwhile. On an error below, the
+    // capture detaches and the sysctls are restored as they drop.
+    let sysctls = ConntrackSysctls::enable().map_err(environment)?;
+    let (capture, listener) = attach_first(&candidates, args)?;
+    let attached_ns = now_unix_ns();
+    let backend = capture.backend();
+
     let mut writer = Writer::open_with_options(&args.data_dir, options).map_err(|e| {
         UserError::environment(format!(
             "cannot use data dir {}: {}",
@@ -181,17 +191,11 @@ pub fn run(args: &RunArgs) -> anyhow::Result<Status> {
     }
     let previous_open = writer.inherited().to_vec();
     writer.append_event(CoverageEvent::AgentStart {
-        t_ns: now_unix_ns(),
+        t_ns: started_ns,
         pid: std::process::id(),
     });
-
-    let sysctls = ConntrackSysctls::enable().map_err(environment)?;
-    // Backends without in-kernel ends take them from ctnetlink: listen before attaching, so
-    // no end of a captured binding is missed.
-    let (capture, listener) = attach_first(&candidates, args)?;
-    let backend = capture.backend();
     writer.append_event(CoverageEvent::Attached {
-        t_ns: now_unix_ns(),
+        t_ns: attached_ns,
         backend: backend.to_owned(),
     });
 

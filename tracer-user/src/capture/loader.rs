@@ -110,7 +110,11 @@ impl Loader {
             CaptureError::Kernel {
                 step,
                 errno: f.error.raw_os_error(),
-                detail: format!("{}\n{}", f.error, f.verifier_log),
+                detail: if f.verifier_log.is_empty() {
+                    f.error.to_string()
+                } else {
+                    format!("{}\n{}", f.error, f.verifier_log)
+                },
             }
         })
     }
