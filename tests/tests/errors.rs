@@ -266,7 +266,9 @@ fn second_agent_is_refused_and_harms_nothing() {
         "a second agent on the same data dir",
         &mut second,
         4,
-        &["lock"],
+        // The data directory's lock, or (netfilter backend, same namespace) the hook slot
+        // the first agent holds; either way the first agent is named as the reason.
+        &["lock", "another nattrace agent"],
     );
 
     assert_eq!(

@@ -93,20 +93,20 @@ impl Probed {
             return Ok(vec![Self::probe(backend)?]);
         }
         let mut candidates = Vec::new();
-        let mut last_error = None;
+        let mut reasons = Vec::new();
         for b in Backend::PREFERENCE {
             match Self::probe(b) {
                 Ok(p) => candidates.push(p),
                 Err(e) => {
                     log::info!("backend {}: ruled out: {e}", b.name());
-                    last_error = Some(e);
+                    reasons.push(format!("{}: {e}", b.name()));
                 }
             }
         }
-        match last_error {
-            Some(e) if candidates.is_empty() => Err(e),
-            _ => Ok(candidates),
+        if candidates.is_empty() {
+            return Err(CaptureError::NoBackend { reasons });
         }
+        Ok(candidates)
     }
 
     /// The backend this is.
@@ -189,6 +189,9 @@ pub enum CaptureError {
     /// The embedded eBPF object is not what this build expects (a build problem).
     #[error("embedded eBPF object: {reason}")]
     Object { reason: String },
+    /// `auto` found no backend: why each was ruled out, in preference order.
+    #[error("no capture backend can run here: {}", .reasons.join("; "))]
+    NoBackend { reasons: Vec<String> },
     /// A kernel call failed.
     #[error("{step} failed: {detail}")]
     Kernel {

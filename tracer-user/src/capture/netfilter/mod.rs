@@ -47,6 +47,16 @@ pub fn attach(layout: &KernelLayout, ring_bytes: u32) -> Result<RingCapture, Cap
                     feature: "BPF netfilter links",
                     hint: "the netfilter backend needs Linux >= 6.4 with CONFIG_NETFILTER_BPF_LINK",
                 },
+                // Another program holds this hook and priority in this namespace: another
+                // agent (the kernel allows one netfilter link per priority and hook).
+                Some(libc::EBUSY) => CaptureError::Kernel {
+                    step: "link netfilter program",
+                    errno: Some(libc::EBUSY),
+                    detail: format!(
+                        "{e}: the hook's priority {HOOK_PRIORITY} is taken in this network namespace; \
+                         is another nattrace agent already running here?"
+                    ),
+                },
                 _ => CaptureError::os("link netfilter program", &e),
             })?;
         links.push(link);
