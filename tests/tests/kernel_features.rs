@@ -67,32 +67,44 @@ fn deny_prog_load() -> std::io::Result<()> {
     Ok(())
 }
 
-#[test]
-#[ignore = "privileged: run through `cargo xtask test`"]
-#[cfg(target_arch = "x86_64")]
-fn kernel_without_bpf_netfilter_programs_is_an_environment_error() {
+/// `nattrace run --backend BACKEND` in a new network namespace with a fresh data directory
+/// path (not created), program loads denied when `deny` is set. Returns the exit status, the
+/// last line of stderr, stderr, and whether the data directory exists afterwards.
+fn run_refused(backend: &str, deny: bool) -> (Option<i32>, String, String, bool) {
     require_root().expect("run the end-to-end tests as root (cargo xtask test)");
     let data = tempfile::tempdir().expect("temp dir");
     let mut cmd = Command::new("unshare");
     cmd.arg("--net")
         .arg(nattrace_bin())
-        .arg("run")
-        .arg("--backend")
-        .arg("netfilter")
-        .arg("--data-dir")
+        .args(["run", "--backend", backend, "--data-dir"])
         .arg(data.path().join("d"));
-    // SAFETY: the closure only makes async-signal-safe prctl calls.
-    unsafe { cmd.pre_exec(deny_prog_load) };
+    if deny {
+        // SAFETY: the closure only makes async-signal-safe prctl calls.
+        unsafe { cmd.pre_exec(deny_prog_load) };
+    }
     let out = cmd.output().expect("start nattrace under unshare");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(4), "exit status; stderr: {stderr}");
-    let last = stderr.lines().last().unwrap_or_default();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let last = stderr.lines().last().unwrap_or_default().to_owned();
+    (
+        out.status.code(),
+        last,
+        stderr,
+        data.path().join("d").exists(),
+    )
+}
+
+#[test]
+#[ignore = "privileged: run through `cargo xtask test`"]
+#[cfg(target_arch = "x86_64")]
+fn kernel_without_bpf_netfilter_programs_is_an_environment_error() {
+    let (status, last, stderr, data_dir) = run_refused("netfilter", true);
+    assert_eq!(status, Some(4), "exit status; stderr: {stderr}");
     assert!(
         last.starts_with("nattrace: ") && last.contains("netfilter") && last.contains("6.4"),
         "one line naming the missing feature and the kernel it needs, got: {stderr}"
     );
     assert!(
-        !data.path().join("d").exists(),
+        !data_dir,
         "a failed probe must not create or touch the data directory"
     );
 }
@@ -104,28 +116,14 @@ fn kernel_without_bpf_netfilter_programs_is_an_environment_error() {
 #[ignore = "privileged: run through `cargo xtask test`"]
 #[cfg(target_arch = "x86_64")]
 fn auto_without_any_backend_is_an_environment_error_before_the_data_dir() {
-    require_root().expect("run the end-to-end tests as root (cargo xtask test)");
-    let data = tempfile::tempdir().expect("temp dir");
-    let mut cmd = Command::new("unshare");
-    cmd.arg("--net")
-        .arg(nattrace_bin())
-        .arg("run")
-        .arg("--backend")
-        .arg("auto")
-        .arg("--data-dir")
-        .arg(data.path().join("d"));
-    // SAFETY: the closure only makes async-signal-safe prctl calls.
-    unsafe { cmd.pre_exec(deny_prog_load) };
-    let out = cmd.output().expect("start nattrace under unshare");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(4), "exit status; stderr: {stderr}");
-    let last = stderr.lines().last().unwrap_or_default();
+    let (status, last, stderr, data_dir) = run_refused("auto", true);
+    assert_eq!(status, Some(4), "exit status; stderr: {stderr}");
     assert!(
         last.starts_with("nattrace: "),
         "one line saying why, got: {stderr}"
     );
     assert!(
-        !data.path().join("d").exists(),
+        !data_dir,
         "a backend refused at load must not leave a data directory behind: {stderr}"
     );
 }
@@ -134,24 +132,15 @@ fn auto_without_any_backend_is_an_environment_error_before_the_data_dir() {
 #[test]
 #[ignore = "privileged: run through `cargo xtask test`"]
 fn kprobe_backend_without_kprobes_says_so() {
-    require_root().expect("run the end-to-end tests as root (cargo xtask test)");
     if std::path::Path::new("/sys/bus/event_source/devices/kprobe").exists() {
         eprintln!("skipped: this kernel has kprobe events (the VM matrix runs the kprobe backend)");
         return;
     }
-    let data = tempfile::tempdir().expect("temp dir");
-    let out = Command::new("unshare")
-        .arg("--net")
-        .arg(nattrace_bin())
-        .args(["run", "--backend", "kprobe", "--data-dir"])
-        .arg(data.path().join("d"))
-        .output()
-        .expect("start nattrace under unshare");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(4), "exit status; stderr: {stderr}");
+    let (status, last, stderr, data_dir) = run_refused("kprobe", false);
+    assert_eq!(status, Some(4), "exit status; stderr: {stderr}");
     assert!(
-        stderr.contains("kprobe perf events") && stderr.contains("CONFIG_KPROBE_EVENTS"),
+        last.contains("kprobe perf events") && last.contains("CONFIG_KPROBE_EVENTS"),
         "names the missing feature: {stderr}"
     );
-    assert!(!data.path().join("d").exists());
+    assert!(!data_dir);
 }

@@ -500,35 +500,41 @@ impl Agent {
                 return false;
             }
         };
-        let new_starts = lost.starts.saturating_sub(self.lost_seen.starts);
-        let new_ends = lost.ends.saturating_sub(self.lost_seen.ends);
-        self.lost_seen = lost;
+        let seen = std::mem::replace(&mut self.lost_seen, lost);
         let t_ns = now_unix_ns();
-        if new_starts > 0 {
+        let mut any = false;
+        for (total, before, what, cause, detail) in [
+            (
+                lost.starts,
+                seen.starts,
+                "starts",
+                LossCause::RingFull,
+                "binding starts not captured (ring buffer full); live ones are recovered from the next conntrack dump, ended ones from their end event, with approximate starts",
+            ),
+            (
+                lost.ends,
+                seen.ends,
+                "ends",
+                LossCause::RingFullEnd,
+                "binding ends not captured (ring buffer full); the next conntrack dump closes those bindings with approximate ends, without counters",
+            ),
+        ] {
+            let new = total.saturating_sub(before);
+            if new == 0 {
+                continue;
+            }
+            any = true;
             warn!(
-                "ring buffer full: {new_starts} binding starts lost ({} in total); recovering from conntrack",
-                lost.starts
+                "ring buffer full: {new} binding {what} lost ({total} in total); reconciling with conntrack"
             );
             self.writer.append_event(CoverageEvent::Loss {
                 t_ns,
-                cause: LossCause::RingFull,
-                count: new_starts,
-                detail: "binding starts not captured (ring buffer full); live ones are recovered from the next conntrack dump, ended ones from their end event, with approximate starts".into(),
+                cause,
+                count: new,
+                detail: detail.into(),
             });
         }
-        if new_ends > 0 {
-            warn!(
-                "ring buffer full: {new_ends} binding ends lost ({} in total); reconciling with conntrack",
-                lost.ends
-            );
-            self.writer.append_event(CoverageEvent::Loss {
-                t_ns,
-                cause: LossCause::RingFullEnd,
-                count: new_ends,
-                detail: "binding ends not captured (ring buffer full); the next conntrack dump closes those bindings with approximate ends, without counters".into(),
-            });
-        }
-        new_starts > 0 || new_ends > 0
+        any
     }
 
     fn store_out(&mut self) {

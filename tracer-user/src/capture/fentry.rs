@@ -20,10 +20,7 @@ use std::{
 
 use tracer_common::names;
 
-use super::{
-    CaptureError, EBPF_OBJECT, RingCapture, current_netns_ino, layout::KernelLayout,
-    loader::Loader, sys,
-};
+use super::{CaptureError, RingCapture, layout::KernelLayout, loader_for_this_netns, sys};
 use crate::btf::Btf;
 
 /// A kernel function a tracing program attaches to: its BTF type id and, when it lives in a
@@ -134,8 +131,7 @@ pub fn attach(
     target: &Target,
     ring_bytes: u32,
 ) -> Result<RingCapture, CaptureError> {
-    let config = layout.config_for(ring_bytes, current_netns_ino()?);
-    let loader = Loader::new(EBPF_OBJECT, &config, ring_bytes)?;
+    let loader = loader_for_this_netns(layout, ring_bytes)?;
     let mut held = Vec::new();
     let mut links = Vec::new();
     // The end program first: once starts flow, every end must be seen.

@@ -17,10 +17,7 @@ use std::os::fd::AsFd as _;
 
 use tracer_common::names;
 
-use super::{
-    CaptureError, EBPF_OBJECT, RingCapture, current_netns_ino, layout::KernelLayout,
-    loader::Loader, sys,
-};
+use super::{CaptureError, RingCapture, layout::KernelLayout, loader_for_this_netns, sys};
 
 /// Where the kernel lists its functions, modules' included.
 const KALLSYMS: &str = "/proc/kallsyms";
@@ -90,8 +87,7 @@ pub fn attach(
     target: &Target,
     ring_bytes: u32,
 ) -> Result<RingCapture, CaptureError> {
-    let config = layout.config_for(ring_bytes, current_netns_ino()?);
-    let loader = Loader::new(EBPF_OBJECT, &config, ring_bytes)?;
+    let loader = loader_for_this_netns(layout, ring_bytes)?;
     let mut events = Vec::new();
     let mut progs = Vec::new();
     // The end probe first: once starts flow, every end must be seen.

@@ -213,6 +213,16 @@ impl CaptureError {
     }
 }
 
+/// The loader for the fentry and kprobe backends, whose hooks fire in every namespace: the
+/// programs report only the calling thread's namespace.
+pub(crate) fn loader_for_this_netns(
+    layout: &layout::KernelLayout,
+    ring_bytes: u32,
+) -> Result<loader::Loader, CaptureError> {
+    let config = layout.config_for(ring_bytes, current_netns_ino()?);
+    loader::Loader::new(EBPF_OBJECT, &config, ring_bytes)
+}
+
 /// The inode number of the calling thread's network namespace, which the kernel calls
 /// `net->ns.inum`: the fentry and kprobe programs fire for every namespace and report only
 /// this one's entries.
