@@ -89,7 +89,8 @@ pub const EVENT_DST_MANIP: u16 = 1;
 pub const EVENT_END: u16 = 2;
 /// [`NatEvent::flags`] of an end: the counters come from the accounting extension.
 pub const EVENT_HAS_ACCT: u16 = 4;
-/// [`NatEvent::flags`] of an end: `tstamp_start_ns` comes from the timestamp extension.
+/// [`NatEvent::flags`] of an end: `tstamp_start_ns` and `tstamp_stop_ns` come from the
+/// timestamp extension.
 pub const EVENT_HAS_TSTAMP: u16 = 8;
 
 /// One conntrack entry with a translation destroyed, as the programs on the conntrack destroy
@@ -106,9 +107,14 @@ pub struct EndEvent {
     pub bytes: [u64; 2],
     /// `struct nf_conn_tstamp.start` (CLOCK_REALTIME ns) when [`EVENT_HAS_TSTAMP`].
     pub tstamp_start_ns: u64,
+    /// `struct nf_conn_tstamp.stop` (CLOCK_REALTIME ns) when [`EVENT_HAS_TSTAMP`], 0 when not
+    /// set. The kernel sets it when it deletes the entry, dated back to the moment a timed-out
+    /// entry expired (its garbage collection can come much later); the agent prefers it to
+    /// the time of the destroy hook.
+    pub tstamp_stop_ns: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<EndEvent>() == core::mem::size_of::<NatEvent>() + 40);
+const _: () = assert!(core::mem::size_of::<EndEvent>() == core::mem::size_of::<NatEvent>() + 48);
 
 /// Slot of the per-CPU loss counter map counting starts that found the ring buffer full.
 pub const LOST_SLOT: u32 = 0;

@@ -264,6 +264,7 @@ unsafe fn on_destroy(ct: *const u8) -> Option<()> {
         (*ev).packets = [0; 2];
         (*ev).bytes = [0; 2];
         (*ev).tstamp_start_ns = 0;
+        (*ev).tstamp_stop_ns = 0;
         let ext: u64 = bpf_probe_read_kernel(ct.add(cfg.ct_ext as usize).cast()).unwrap_or(0);
         if ext != 0 {
             let ext = ext as *const u8;
@@ -285,10 +286,11 @@ unsafe fn on_destroy(ct: *const u8) -> Option<()> {
                     bpf_probe_read_kernel(ext.add(cfg.ext_tstamp_slot as usize)).unwrap_or(0);
                 if off != 0 {
                     // struct nf_conn_tstamp { u64 start; u64 stop; }
-                    let start: u64 =
-                        bpf_probe_read_kernel(ext.add(off as usize).cast()).unwrap_or(0);
+                    let tstamp = ext.add(off as usize).cast::<u64>();
+                    let start: u64 = bpf_probe_read_kernel(tstamp).unwrap_or(0);
                     if start != 0 {
                         (*ev).tstamp_start_ns = start;
+                        (*ev).tstamp_stop_ns = bpf_probe_read_kernel(tstamp.add(1)).unwrap_or(0);
                         (*ev).common.flags |= EVENT_HAS_TSTAMP;
                     }
                 }

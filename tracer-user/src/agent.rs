@@ -445,7 +445,11 @@ impl Agent {
         let now = now_unix_ns();
         for end in self.captured_ends.drain(..) {
             let mut entry = end.entry;
-            entry.stop_ns = Some(clock.to_unix_ns(end.boot_ns));
+            // The kernel's stop time when it set one (dated back to a timed-out entry's
+            // expiry), else when the destroy hook ran.
+            entry.stop_ns = entry
+                .stop_ns
+                .or_else(|| Some(clock.to_unix_ns(end.boot_ns)));
             self.tracker.on_destroy(entry, now, &mut self.out);
         }
         self.store_out();

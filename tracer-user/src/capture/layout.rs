@@ -277,6 +277,11 @@ impl TupleLayout {
         let (proto, orig) = self.decode(&c.orig)?;
         let (_, reply) = self.decode(&c.reply)?;
         let acct = c.flags & EVENT_HAS_ACCT != 0;
+        let tstamp = |ns: u64| {
+            (c.flags & EVENT_HAS_TSTAMP != 0 && ns != 0)
+                .then(|| i64::try_from(ns).ok())
+                .flatten()
+        };
         let counters = |dir: usize| {
             acct.then_some(Counters {
                 packets: ev.packets[dir],
@@ -294,10 +299,8 @@ impl TupleLayout {
                 status: c.status,
                 orig_counters: counters(0),
                 reply_counters: counters(1),
-                start_ns: (c.flags & EVENT_HAS_TSTAMP != 0)
-                    .then(|| i64::try_from(ev.tstamp_start_ns).ok())
-                    .flatten(),
-                stop_ns: None,
+                start_ns: tstamp(ev.tstamp_start_ns),
+                stop_ns: tstamp(ev.tstamp_stop_ns),
             },
         })
     }
@@ -390,6 +393,7 @@ mod tests {
             packets: [2, 1],
             bytes: [120, 80],
             tstamp_start_ns: 1_700_000_000_000_000_000,
+            tstamp_stop_ns: 1_700_000_000_500_000_000,
         };
         let end = linux6_layout().decode_end(&ev).unwrap();
         assert_eq!(end.boot_ns, 42);
@@ -415,6 +419,13 @@ mod tests {
         let e = linux6_layout().decode_end(&ev).unwrap().entry;
         assert_eq!(e.orig_counters, None);
         assert_eq!(e.start_ns, Some(1_700_000_000_000_000_000));
+        assert_eq!(e.stop_ns, Some(1_700_000_000_500_000_000));
+        ev.tstamp_stop_ns = 0;
+        let e = linux6_layout().decode_end(&ev).unwrap().entry;
+        assert_eq!(
+            e.stop_ns, None,
+            "stop not set by the kernel: the agent uses the hook's time"
+        );
     }
 
     #[test]

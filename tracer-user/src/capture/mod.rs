@@ -135,8 +135,8 @@ pub struct CapturedEnd {
     /// CLOCK_BOOTTIME nanoseconds at destruction.
     pub boot_ns: u64,
     /// The entry: tuples, zone, mark, status, counters when accounting was on, and
-    /// `start_ns` from the timestamp extension when it was on. `stop_ns` is left for the
-    /// agent to fill from `boot_ns`.
+    /// `start_ns` and `stop_ns` from the timestamp extension when it was on (the kernel dates
+    /// a timed-out entry's stop back to its expiry). Without them the agent takes `boot_ns`.
     pub entry: CtEntry,
 }
 
