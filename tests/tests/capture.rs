@@ -4,6 +4,14 @@
 //! a start close to conntrack's NEW and an end within a second of conntrack's DESTROY, as seen
 //! by an independent `conntrack -E`; a sample is asked while the agent runs, within a second of
 //! the binding's creation; and the agent reports no loss.
+//!
+//! Two environment variables adapt it to slow machines (qemu TCG in `cargo xtask vm-test`)
+//! without changing what is compared:
+//! - `NATTRACE_E2E_SLACK` (a factor >= 1, default 1) multiplies every time limit: the live
+//!   deadline, the start/end tolerance against conntrack, and the waits for DESTROY events.
+//! - `NATTRACE_E2E_SCALE` (a fraction in (0, 1], default 1) shrinks the bulk traffic; every
+//!   live batch still runs, and a scale that would leave fewer than [`MIN_FLOWS_SCALED`]
+//!   bindings is refused.
 
 use std::time::{Duration, Instant, SystemTime};
 
@@ -18,19 +26,111 @@ use nattrace_e2e::traffic::{FlowKind, FlowTruth, Servers, TrafficPlan, generate}
 
 /// Live batches: one flow of each kind from one subscriber each, queried at once.
 const LIVE_BATCHES: usize = 17;
-/// Bulk flows of each kind from each subscriber.
+/// Bulk flows of each kind from each subscriber (at `NATTRACE_E2E_SCALE=1`).
 const BULK_PER_KIND: usize = 8;
+/// Fewest bindings a scaled-down run (`NATTRACE_E2E_SCALE` < 1) may check.
+const MIN_FLOWS_SCALED: usize = 300;
+/// Factor >= 1 on every time limit of the test.
+const SLACK_ENV: &str = "NATTRACE_E2E_SLACK";
+/// Fraction in (0, 1] of the bulk traffic.
+const SCALE_ENV: &str = "NATTRACE_E2E_SCALE";
 /// How soon after its creation a binding must be answerable while the agent runs.
 const LIVE_WITHIN: Duration = Duration::from_secs(1);
 /// The agent rotates its segment this often during the test.
 const SEGMENT_MAX_AGE: &str = "4s";
 /// How close nattrace's start and end must be to conntrack's NEW and DESTROY.
 const TOLERANCE: Duration = Duration::from_secs(1);
+/// How long conntrack -E may take to report the last DESTROY after the flush.
+const DESTROYS_WITHIN: Duration = Duration::from_secs(15);
+/// How long the agent gets to write the DESTROY events conntrack -E already saw.
+const AGENT_CATCH_UP: Duration = Duration::from_millis(1500);
+
+/// `NATTRACE_E2E_SLACK`: unset or empty is 1; anything but a number in [1, 100] is an error.
+fn parse_slack(value: Option<&str>) -> Result<f64, String> {
+    let Some(v) = value.map(str::trim).filter(|v| !v.is_empty()) else {
+        return Ok(1.0);
+    };
+    match v.parse::<f64>() {
+        Ok(f) if (1.0..=100.0).contains(&f) => Ok(f),
+        _ => Err(format!(
+            "{SLACK_ENV}={v:?}: expected a factor from 1 to 100 on the time limits (e.g. 2)"
+        )),
+    }
+}
+
+/// `NATTRACE_E2E_SCALE`: bulk flows of each kind per subscriber. Unset or empty is
+/// [`BULK_PER_KIND`]; else a fraction in (0, 1] of it, rounded, at least 1.
+fn parse_scale(value: Option<&str>) -> Result<usize, String> {
+    let Some(v) = value.map(str::trim).filter(|v| !v.is_empty()) else {
+        return Ok(BULK_PER_KIND);
+    };
+    match v.parse::<f64>() {
+        Ok(f) if f > 0.0 && f <= 1.0 => {
+            let n = (BULK_PER_KIND as f64 * f).round() as usize;
+            Ok(n.max(1))
+        }
+        _ => Err(format!(
+            "{SCALE_ENV}={v:?}: expected a fraction in (0, 1] of the bulk traffic (e.g. 0.25)"
+        )),
+    }
+}
+
+/// The fewest flows a run with `bulk_per_kind` must make: 1000 at full size.
+fn min_flows(bulk_per_kind: usize) -> usize {
+    if bulk_per_kind >= BULK_PER_KIND {
+        1000
+    } else {
+        MIN_FLOWS_SCALED
+    }
+}
+
+#[test]
+fn slack_and_scale_from_the_environment() {
+    assert_eq!(parse_slack(None), Ok(1.0));
+    assert_eq!(parse_slack(Some("")), Ok(1.0));
+    assert_eq!(parse_slack(Some("2")), Ok(2.0));
+    assert_eq!(parse_slack(Some(" 1.5 ")), Ok(1.5));
+    for bad in ["0.5", "0", "-2", "two", "inf", "NaN", "1e300"] {
+        let e = parse_slack(Some(bad)).unwrap_err();
+        assert!(e.contains(SLACK_ENV), "{e}");
+    }
+    assert_eq!(parse_scale(None), Ok(BULK_PER_KIND));
+    assert_eq!(parse_scale(Some("1")), Ok(BULK_PER_KIND));
+    assert_eq!(parse_scale(Some("0.25")), Ok(2));
+    assert_eq!(parse_scale(Some("0.01")), Ok(1));
+    for bad in ["0", "1.5", "-0.25", "quarter", "NaN"] {
+        let e = parse_scale(Some(bad)).unwrap_err();
+        assert!(e.contains(SCALE_ENV), "{e}");
+    }
+    assert_eq!(min_flows(BULK_PER_KIND), 1000);
+    assert_eq!(min_flows(2), MIN_FLOWS_SCALED);
+}
 
 #[test]
 #[ignore = "privileged end-to-end test: run as root with `cargo xtask test`"]
 fn every_binding_is_captured() {
+    let slack =
+        parse_slack(std::env::var(SLACK_ENV).ok().as_deref()).unwrap_or_else(|e| panic!("{e}"));
+    let bulk_per_kind =
+        parse_scale(std::env::var(SCALE_ENV).ok().as_deref()).unwrap_or_else(|e| panic!("{e}"));
+    let live_within = LIVE_WITHIN.mul_f64(slack);
+    let tolerance = TOLERANCE.mul_f64(slack);
     let lab = Lab::new(LabConfig::default()).expect("building the lab");
+    let live_count = LIVE_BATCHES * FlowKind::ALL.len();
+    let bulk_plan = TrafficPlan::everything(&lab, bulk_per_kind);
+    let planned = live_count + bulk_plan.len();
+    assert!(
+        planned >= min_flows(bulk_per_kind),
+        "{SCALE_ENV} leaves {planned} flows ({live_count} live, {} bulk); at least {} are needed",
+        bulk_plan.len(),
+        min_flows(bulk_per_kind)
+    );
+    println!(
+        "limits: live within {live_within:?}, start/end within {tolerance:?} of conntrack \
+         ({SLACK_ENV}={slack}); {planned} flows planned ({live_count} live, {} bulk, \
+         {bulk_per_kind} per kind and subscriber)",
+        bulk_plan.len()
+    );
     let servers = Servers::start(&lab).expect("starting the servers");
     // The truth listener runs before any traffic.
     let listener = ConntrackListener::start(&lab).expect("starting conntrack -E");
@@ -63,9 +163,9 @@ fn every_binding_is_captured() {
                     slowest = slowest.max(age);
                     break r.map(drop);
                 }
-                if age >= LIVE_WITHIN {
+                if age >= live_within {
                     break r.map(drop).map_err(|e| {
-                        e.context(format!("not answerable within {LIVE_WITHIN:?} of creation"))
+                        e.context(format!("not answerable within {live_within:?} of creation"))
                     });
                 }
                 std::thread::sleep(Duration::from_millis(50));
@@ -80,15 +180,14 @@ fn every_binding_is_captured() {
     );
 
     let t0 = Instant::now();
-    let bulk = generate(
-        &lab,
-        &servers,
-        &TrafficPlan::everything(&lab, BULK_PER_KIND),
-    )
-    .expect("generating traffic");
+    let bulk = generate(&lab, &servers, &bulk_plan).expect("generating traffic");
     println!("bulk: {} flows in {:.2?}", bulk.len(), t0.elapsed());
     flows.extend(bulk);
-    assert!(flows.len() >= 1000, "only {} flows", flows.len());
+    assert!(
+        flows.len() >= min_flows(bulk_per_kind),
+        "only {} flows",
+        flows.len()
+    );
 
     // Ends: the timeouts pass, a dump reaps expired entries, stragglers are deleted a few
     // dozen at a time; conntrack -E must have seen every end.
@@ -99,7 +198,7 @@ fn every_binding_is_captured() {
     let forced = delete_chunked(&lab, &sources, &[6, 17, 1, 58]).expect("chunked conntrack -D");
     let keys: Vec<_> = flows.iter().map(flow_key).collect();
     let first = flows.iter().map(|f| f.sent_at).min().expect("flows");
-    let missing = listener.wait_for_destroys(&keys, first, Duration::from_secs(15));
+    let missing = listener.wait_for_destroys(&keys, first, DESTROYS_WITHIN.mul_f64(slack));
     assert!(
         missing.is_empty(),
         "lab truth incomplete: conntrack -E saw no DESTROY for {} flows, e.g. {:?}",
@@ -112,7 +211,7 @@ fn every_binding_is_captured() {
         keys.len()
     );
     // The agent gets the same DESTROY events; give it a moment to write them.
-    std::thread::sleep(Duration::from_millis(1500));
+    std::thread::sleep(AGENT_CATCH_UP.mul_f64(slack));
 
     let live_stats = cli.stats().expect("nattrace stats while running");
     println!("stats while running: {live_stats}");
@@ -200,14 +299,14 @@ fn every_binding_is_captured() {
             index
                 .new_of(f)
                 .ok_or_else(|| anyhow!("no NEW for {f:?}"))
-                .and_then(|t| start_matches(&record, f, t, TOLERANCE)),
+                .and_then(|t| start_matches(&record, f, t, tolerance)),
         );
         tally.check(
             "end within 1 s of DESTROY",
             index
                 .destroy_of(f)
                 .ok_or_else(|| anyhow!("no DESTROY for {f:?}"))
-                .and_then(|t| end_matches(&record, f, t, TOLERANCE)),
+                .and_then(|t| end_matches(&record, f, t, tolerance)),
         );
         tally.check(
             "end exact",

@@ -31,9 +31,10 @@ enum Task {
     /// Build the `nattrace` binary (release), eBPF programs included.
     Build,
     /// Everything CI runs: formatting, clippy, unit tests, fuzzing (NATTRACE_FUZZ_SECONDS per
-    /// target, default 60; 0 skips it), privileged end-to-end tests.
+    /// target, default 60; 0 skips it), privileged end-to-end tests, then the VM matrix of
+    /// `vm-test` when qemu-system-x86_64 is installed (NATTRACE_VM=0 skips it).
     Test {
-        /// Skip the end-to-end tests (they need root and network namespaces).
+        /// Skip the end-to-end tests and the VM matrix (they need root and network namespaces).
         #[arg(long)]
         no_e2e: bool,
     },
@@ -177,6 +178,8 @@ fn test(no_e2e: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     require_root("test (end-to-end part)")?;
+    // Decided before the long part, so that a bad value fails at once.
+    let vm = vm_matrix_wanted()?;
     let bin = build_release()?;
     step("end-to-end tests", || {
         // The privileged tests are #[ignore]d so that a plain `cargo test` runs anywhere;
@@ -192,7 +195,39 @@ fn test(no_e2e: bool) -> anyhow::Result<()> {
         ])
         .env("NATTRACE_BIN", &bin)
         .status_ok()
-    })
+    })?;
+    match vm {
+        Ok(()) => step("VM matrix (vm-test, every kernel)", || vm::run(&[])),
+        Err(why) => {
+            eprintln!("xtask: VM matrix (vm-test) skipped: {why}");
+            Ok(())
+        }
+    }
+}
+
+const VM_ENV: &str = "NATTRACE_VM";
+
+/// Whether `cargo xtask test` runs the VM matrix: `Err(why not)` when NATTRACE_VM=0, or when
+/// qemu-system-x86_64 is not on PATH and NATTRACE_VM=1 does not ask for it anyway (vm-test
+/// installs qemu and its other host packages itself).
+fn vm_matrix_wanted() -> anyhow::Result<Result<(), String>> {
+    let qemu = std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("qemu-system-x86_64").is_file()));
+    vm_decision(std::env::var(VM_ENV).ok().as_deref(), qemu)
+}
+
+fn vm_decision(env: Option<&str>, qemu: bool) -> anyhow::Result<Result<(), String>> {
+    match env.map(str::trim) {
+        Some("0") => Ok(Err(format!("{VM_ENV}=0"))),
+        Some("1") => Ok(Ok(())),
+        None | Some("") if qemu => Ok(Ok(())),
+        None | Some("") => Ok(Err(
+            "qemu-system-x86_64 is not installed (NATTRACE_VM=1 runs it anyway: vm-test \
+             installs qemu-system-x86 and its other host packages)"
+                .to_string(),
+        )),
+        Some(other) => bail!("{VM_ENV}={other}: expected 0 (skip the VM matrix) or 1 (run it)"),
+    }
 }
 
 fn build_release() -> anyhow::Result<PathBuf> {
@@ -255,5 +290,21 @@ impl StatusOk for Command {
             bail!("{self:?} exited with {status}");
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vm_matrix_decision() {
+        assert_eq!(vm_decision(None, true).unwrap(), Ok(()));
+        assert_eq!(vm_decision(Some("1"), true).unwrap(), Ok(()));
+        assert!(vm_decision(Some("0"), true).unwrap().is_err());
+        let why = vm_decision(None, false).unwrap().unwrap_err();
+        assert!(why.contains("qemu-system-x86_64"), "{why}");
+        assert_eq!(vm_decision(Some("1"), false).unwrap(), Ok(()));
+        assert!(vm_decision(Some("yes"), true).is_err());
     }
 }
