@@ -60,6 +60,10 @@ enum Task {
         /// Kernels to test (default: all of them).
         #[arg(long = "kernel", value_parser = clap::builder::PossibleValuesParser::new(vm::KERNEL_NAMES))]
         kernels: Vec<String>,
+        /// Also measure the cost of tracing per backend in each guest (new bindings per
+        /// second with and without the agent, ring throughput: tests/tests/cost.rs).
+        #[arg(long)]
+        measure: bool,
     },
 }
 
@@ -83,10 +87,10 @@ fn main() -> anyhow::Result<()> {
             let bin = build_release()?;
             nattrace_e2e::demo::run(&bin)?;
         }
-        Task::VmTest { kernels } => {
+        Task::VmTest { kernels, measure } => {
             require_root("vm-test")?;
             setup::run()?;
-            vm::run(&kernels)?;
+            vm::run(&kernels, measure)?;
         }
         Task::Bench => {
             require_root("bench")?;
@@ -197,7 +201,7 @@ fn test(no_e2e: bool) -> anyhow::Result<()> {
         .status_ok()
     })?;
     match vm {
-        Ok(()) => step("VM matrix (vm-test, every kernel)", || vm::run(&[])),
+        Ok(()) => step("VM matrix (vm-test, every kernel)", || vm::run(&[], false)),
         Err(why) => {
             eprintln!("xtask: VM matrix (vm-test) skipped: {why}");
             Ok(())

@@ -152,8 +152,12 @@ const VM_SCALE: &str = "0.25";
 /// 87-89 s under TCG on the 2-core CI machine; six runs at this bound still fit `cargo xtask
 /// test` in an hour.
 const RUN_TIMEOUT_SECS: u64 = 300;
+/// The guest stops the cost measurement (`--measure`) after this long.
+const COST_TIMEOUT_SECS: u64 = 900;
 
-pub fn run(names: &[String]) -> anyhow::Result<()> {
+/// Runs the matrix on the named kernels (all when empty); `measure` adds the cost
+/// measurement in each guest and prints its lines.
+pub fn run(names: &[String], measure: bool) -> anyhow::Result<()> {
     crate::setup::ensure_debian_packages("vm-test", HOST_PACKAGES)?;
     let kernels: Vec<&Kernel> = if names.is_empty() {
         KERNELS.iter().collect()
@@ -180,6 +184,7 @@ pub fn run(names: &[String]) -> anyhow::Result<()> {
     let guest_env = GuestEnv {
         slack: env_or(SLACK_ENV, VM_SLACK),
         scale: env_or(SCALE_ENV, VM_SCALE),
+        measure,
     };
     eprintln!(
         "xtask: vm-test: backends in this build: {}; guest {SLACK_ENV}={} {SCALE_ENV}={}",
@@ -239,6 +244,20 @@ pub fn run(names: &[String]) -> anyhow::Result<()> {
     for n in &notes {
         println!("{n}");
     }
+    if measure {
+        println!("cost of tracing in each guest (tests/tests/cost.rs; NATTRACE-COST lines):");
+        for k in KERNELS {
+            let log = workspace_root()
+                .join("target/vm")
+                .join(k.name)
+                .join("serial.log");
+            for line in fs::read_to_string(&log).unwrap_or_default().lines() {
+                if let Some(at) = line.find("NATTRACE-COST ") {
+                    println!("  {:<10} {}", k.name, &line[at..]);
+                }
+            }
+        }
+    }
     let failures = rows.iter().filter(|r| r.failure).count();
     if failures > 0 {
         bail!(
@@ -259,6 +278,8 @@ fn env_or(var: &str, default: &str) -> String {
 struct GuestEnv {
     slack: String,
     scale: String,
+    /// Run the cost measurement (tests/tests/cost.rs) over the kernel's backends.
+    measure: bool,
 }
 
 struct Row {
@@ -397,30 +418,32 @@ fn backends_in_help(help: &str) -> Vec<String> {
         .collect()
 }
 
+/// The e2e test executables the guest runs: the capture test and the ring-overflow test per
+/// backend, the cost measurement with `--measure`.
+const GUEST_TESTS: [&str; 3] = ["capture", "ring_loss", "cost"];
+
 struct Binaries {
     nattrace: PathBuf,
     capture: PathBuf,
+    ring_loss: PathBuf,
+    cost: PathBuf,
     /// Backends the `nattrace` binary offers (`run --help` lists them).
     backends: Vec<String>,
 }
 
 fn build_binaries() -> anyhow::Result<Binaries> {
     let nattrace = crate::build_release()?;
-    let mut capture = None;
-    step("build the e2e capture test (release)", || {
-        let out = cargo(&[
-            "test",
-            "--release",
-            "-p",
-            "nattrace-e2e",
-            "--test",
-            "capture",
-            "--no-run",
-            "--message-format=json",
-        ])
-        .stderr(Stdio::inherit())
-        .output()
-        .context("cannot run cargo test --no-run")?;
+    let mut exes: BTreeMap<String, PathBuf> = BTreeMap::new();
+    step("build the e2e tests run in the guest (release)", || {
+        let mut args = vec!["test", "--release", "-p", "nattrace-e2e"];
+        for t in GUEST_TESTS {
+            args.extend(["--test", t]);
+        }
+        args.extend(["--no-run", "--message-format=json"]);
+        let out = cargo(&args)
+            .stderr(Stdio::inherit())
+            .output()
+            .context("cannot run cargo test --no-run")?;
         if !out.status.success() {
             bail!("cargo test --no-run failed");
         }
@@ -429,15 +452,22 @@ fn build_binaries() -> anyhow::Result<Binaries> {
                 continue;
             };
             if v["reason"] == "compiler-artifact"
-                && v["target"]["name"] == "capture"
-                && let Some(exe) = v["executable"].as_str()
+                && let (Some(name), Some(exe)) =
+                    (v["target"]["name"].as_str(), v["executable"].as_str())
+                && GUEST_TESTS.contains(&name)
             {
-                capture = Some(PathBuf::from(exe));
+                exes.insert(name.to_string(), PathBuf::from(exe));
             }
         }
         Ok(())
     })?;
-    let capture = capture.context("cargo named no executable for the capture test")?;
+    let mut take = |name: &str| {
+        exes.remove(name)
+            .with_context(|| format!("cargo named no executable for the {name} test"))
+    };
+    let capture = take("capture")?;
+    let ring_loss = take("ring_loss")?;
+    let cost = take("cost")?;
     let help = output(Command::new(&nattrace).args(["run", "--help"]))?;
     let mut backends = backends_in_help(&help);
     if backends.is_empty() {
@@ -447,6 +477,8 @@ fn build_binaries() -> anyhow::Result<Binaries> {
     Ok(Binaries {
         nattrace,
         capture,
+        ring_loss,
+        cost,
         backends,
     })
 }
@@ -524,12 +556,21 @@ fn run_kernel(
     let refuse = list(|p| matches!(p, Plan::Refuse(_)));
     let runs = plans.iter().filter(|(_, p)| *p == Plan::Run).count() as u64;
     // Each capture run is bounded in the guest; qemu gets that plus boot and the refusals.
-    let timeout =
-        timeout.unwrap_or_else(|| Duration::from_secs(180 + runs * (RUN_TIMEOUT_SECS + 30)));
+    // Each backend runs the capture test and the ring-overflow test, each bounded.
+    let measure_secs = if guest_env.measure {
+        COST_TIMEOUT_SECS
+    } else {
+        0
+    };
+    let timeout = timeout.unwrap_or_else(|| {
+        Duration::from_secs(180 + measure_secs + runs * (2 * RUN_TIMEOUT_SECS + 60))
+    });
     let cmdline = format!(
         "nattrace.run={run} nattrace.refuse={refuse} nattrace.slack={} nattrace.scale={} \
-         nattrace.run_timeout={RUN_TIMEOUT_SECS}",
-        guest_env.slack, guest_env.scale
+         nattrace.run_timeout={RUN_TIMEOUT_SECS} nattrace.measure={}",
+        guest_env.slack,
+        guest_env.scale,
+        u8::from(guest_env.measure)
     );
     let log = work.join("serial.log");
     // Keep the previous run's console for comparison (TCG timing varies between runs).
@@ -879,12 +920,13 @@ fn build_initramfs(work: &Path, modroot: &Path, bins: &Binaries, out: &Path) -> 
         Path::new("/opt/nattrace/nattrace"),
         true,
     )?;
-    copy_with_libs(
-        &bins.capture,
-        &root,
-        Path::new("/opt/nattrace/capture"),
-        true,
-    )?;
+    for (exe, name) in [
+        (&bins.capture, "capture"),
+        (&bins.ring_loss, "ring_loss"),
+        (&bins.cost, "cost"),
+    ] {
+        copy_with_libs(exe, &root, &Path::new("/opt/nattrace").join(name), true)?;
+    }
     fs::write(
         root.join("etc/passwd"),
         "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n",
@@ -923,7 +965,10 @@ fn build_initramfs(work: &Path, modroot: &Path, bins: &Binaries, out: &Path) -> 
     fs::write(root.join("modules.load"), list)?;
 
     let init = root.join("init");
-    fs::write(&init, INIT)?;
+    fs::write(
+        &init,
+        INIT.replace("COST_TIMEOUT", &COST_TIMEOUT_SECS.to_string()),
+    )?;
     chmod_x(&init)?;
     let _ = fs::remove_file(out);
     Command::new("sh")
@@ -1066,8 +1111,18 @@ for B in $RUN; do
   elif [ "$RC" -eq 143 ] || [ "$RC" -eq 137 ]; then R=fail; REASON=timeout-after-${RUN_TIMEOUT}s
   else R=fail; REASON=exit-$RC; fi
   echo "NATTRACE-VM-LOG backend $B: capture test ran from ${T0}s to ${T1}s"
-  echo "NATTRACE-VM-RESULT backend=$B kernel=$KVER checked=${CHECKED:-0} result=$R reason=$REASON seconds=$SECS slowest=${SLOWEST:--}"
+  # Ring overflow under this backend: every created binding is a record or a counted loss.
+  { timeout -k 10 $RUN_TIMEOUT /opt/nattrace/ring_loss --ignored --test-threads=1 --nocapture; echo $? > /tmp/ring_loss.rc; } 2>&1 | tee /tmp/ring_loss-$B.out
+  RLRC=$(cat /tmp/ring_loss.rc)
+  if [ "$RLRC" -eq 0 ]; then RL=pass; else RL=fail; fi
+  if [ "$R" = pass ] && [ "$RL" = fail ]; then R=fail; REASON=ring_loss-exit-$RLRC; fi
+  echo "NATTRACE-VM-RESULT backend=$B kernel=$KVER checked=${CHECKED:-0} result=$R reason=$REASON seconds=$SECS slowest=${SLOWEST:--} ring_loss=$RL"
 done
+if [ "$(arg nattrace.measure)" = 1 ] && [ -n "$RUN" ]; then
+  echo "NATTRACE-VM-LOG cost measurement over [$RUN] starts at $(up)s"
+  NATTRACE_COST_BACKENDS=$(echo $RUN | tr ' ' ,) timeout -k 10 COST_TIMEOUT /opt/nattrace/cost --ignored --test-threads=1 --nocapture 2>&1 | tee /tmp/cost.out
+  echo "NATTRACE-VM-LOG cost measurement done at $(up)s"
+fi
 unset NATTRACE_BACKEND
 for B in $REFUSE; do
   T0=$(up)
