@@ -160,7 +160,16 @@ fn search_inner(dir: &Path, q: &Search, want_bindings: bool) -> Result<Snapshot,
         if !done.insert(seq) {
             continue;
         }
-        if sealed && is_columnar(&path)? {
+        let (path, sealed, data) = match read_listed(path, sealed, seq, &seg_dir)? {
+            Listed::Columnar(path) => (path, true, None),
+            Listed::Rows(path, sealed, data) => (path, sealed, Some(data)),
+            Listed::Gone => continue,
+            Listed::Problem(problem) => {
+                snap.problems.push(problem);
+                continue;
+            }
+        };
+        let Some(data) = data else {
             let Some(o) = open_sealed(&path, &mut snap)? else {
                 continue;
             };
@@ -176,14 +185,6 @@ fn search_inner(dir: &Path, q: &Search, want_bindings: bool) -> Result<Snapshot,
                 want_bindings,
             );
             continue;
-        }
-        let (path, sealed, data) = match read_segment(&path, sealed, seq, &seg_dir)? {
-            Ok(found) => found,
-            Err(None) => continue,
-            Err(Some(problem)) => {
-                snap.problems.push(problem);
-                continue;
-            }
         };
         snap.segments += 1;
         snap.bytes_on_disk += data.len() as u64;
@@ -519,6 +520,37 @@ fn follow_open_hits(
 
 type Found = (PathBuf, bool, Vec<u8>);
 
+/// A listed segment file, as it is when read.
+#[derive(Debug)]
+enum Listed {
+    /// A sealed columnar segment, to open as such.
+    Columnar(PathBuf),
+    /// A log or a first-format segment (sealed or not), read whole.
+    Rows(PathBuf, bool, Vec<u8>),
+    /// Deleted since the listing.
+    Gone,
+    Problem(ReadProblem),
+}
+
+/// Reads what the listing named. The active log may have been sealed since the listing: its
+/// sealed, columnar file is then opened instead (`read_segment` follows the rename).
+fn read_listed(
+    path: PathBuf,
+    sealed: bool,
+    seq: u32,
+    seg_dir: &Path,
+) -> Result<Listed, StorageError> {
+    if sealed && is_columnar(&path)? {
+        return Ok(Listed::Columnar(path));
+    }
+    Ok(match read_segment(&path, sealed, seq, seg_dir)? {
+        Ok((path, true, data)) if data.starts_with(&columnar::MAGIC) => Listed::Columnar(path),
+        Ok((path, sealed, data)) => Listed::Rows(path, sealed, data),
+        Err(None) => Listed::Gone,
+        Err(Some(problem)) => Listed::Problem(problem),
+    })
+}
+
 /// Reads a segment file. An `.open` file renamed to `.seg` since the directory was listed is
 /// read under its new name. `Err(None)`: gone; `Err(Some(..))`: unreadable (not for lack of
 /// permission, which is an error).
@@ -728,6 +760,26 @@ mod tests {
         let mut data = fs::read(path).unwrap();
         f(&mut data);
         fs::write(path, &data).unwrap();
+    }
+
+    /// The listing saw the active log; the agent sealed it before it was read (vm-test met
+    /// this under qemu: `stats` reported the sealed file as a log with a bad magic).
+    #[test]
+    fn a_log_sealed_after_the_listing_is_read_as_its_sealed_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = three_segments(dir.path());
+        let seg_dir = dir.path().join(SEGMENTS_DIR);
+        let listed_log = seg_dir.join(segment_name(2, OPEN_EXT));
+        assert!(!listed_log.exists());
+        match read_listed(listed_log, false, 2, &seg_dir).unwrap() {
+            Listed::Columnar(path) => assert_eq!(path, paths[1]),
+            other => panic!("expected the sealed segment, got {other:?}"),
+        }
+        let gone = seg_dir.join(segment_name(9, OPEN_EXT));
+        assert!(matches!(
+            read_listed(gone, false, 9, &seg_dir).unwrap(),
+            Listed::Gone
+        ));
     }
 
     #[test]
