@@ -43,7 +43,8 @@ fn describe_flow(flow: &FlowTruth) -> String {
 
 /// Asks nattrace "who held `flow.external` at `at`" (with the flow's protocol) and returns
 /// the one record that names the flow's subscriber and destination. Fails if the command
-/// does not exit 0, if no record or more than one names the flow, or if another record
+/// does not exit 0, if no record names the flow, or more than one does and not exactly one
+/// of those was alive at `at`, or if another record
 /// claims the same external address and destination at that very moment.
 pub fn who_held(cli: &Cli, flow: &FlowTruth, at: SystemTime, time_arg: TimeArg) -> Result<Record> {
     let external = endpoint_arg(flow.external);
@@ -70,6 +71,15 @@ pub fn who_held(cli: &Cli, flow: &FlowTruth, at: SystemTime, time_arg: TimeArg) 
     let (matching, others): (Vec<&Record>, Vec<&Record>) = records
         .iter()
         .partition(|r| r.internal == flow.internal && r.destination == flow.destination);
+    // The query's slack window can hold two bindings of the same flow back to back: conntrack
+    // ended an entry and made a new one for the same tuple (seen once under qemu: a TCP flow's
+    // first entry ended 5 ms before the server saw the connection). Who held the address at
+    // that instant is the one alive then; the other must not be.
+    let matching: Vec<&Record> = if matching.len() > 1 {
+        matching.into_iter().filter(|r| r.alive_at(at)).collect()
+    } else {
+        matching
+    };
     let dump = || {
         records
             .iter()
