@@ -44,8 +44,11 @@ fn ring_overflow_is_counted_exactly() {
         created,
         burst.observed.len()
     );
+    // The truth is conntrack's own count, so the check below holds for any number created;
+    // this only catches a broken lab. Under qemu TCG the veth backlog drops part of the burst
+    // before conntrack sees it (2581 of 3000 once on 5.10), hence half, not nine tenths.
     assert!(
-        created >= BURST * 9 / 10,
+        created >= BURST / 2,
         "the burst created only {created} bindings of {BURST}: lab problem"
     );
 
