@@ -223,6 +223,22 @@ struct Round {
 }
 
 impl Round {
+    /// A round not yet run, with (`Some`) or without (`None`) a tracer.
+    fn new(backend: Option<String>) -> Self {
+        Self {
+            backend,
+            created: 0,
+            sent: 0,
+            ct: CtCounters::default(),
+            flooding: Duration::ZERO,
+            chunks: 0,
+            wall: Duration::ZERO,
+            flushing: Duration::ZERO,
+            load: String::new(),
+            agent: None,
+        }
+    }
+
     fn rate(&self) -> f64 {
         self.created as f64 / self.flooding.as_secs_f64()
     }
@@ -290,18 +306,7 @@ impl Bench {
     }
 
     fn round_without(&self) -> Result<Round> {
-        let mut round = Round {
-            backend: None,
-            created: 0,
-            sent: 0,
-            ct: CtCounters::default(),
-            flooding: Duration::ZERO,
-            chunks: 0,
-            wall: Duration::ZERO,
-            flushing: Duration::ZERO,
-            load: String::new(),
-            agent: None,
-        };
+        let mut round = Round::new(None);
         let t = Instant::now();
         self.flush()?;
         self.flood(&mut round, None)?;
@@ -311,18 +316,7 @@ impl Bench {
     }
 
     fn round_with(&self, backend: &str, bin: &Path) -> Result<Round> {
-        let mut round = Round {
-            backend: Some(backend.to_owned()),
-            created: 0,
-            sent: 0,
-            ct: CtCounters::default(),
-            flooding: Duration::ZERO,
-            chunks: 0,
-            wall: Duration::ZERO,
-            flushing: Duration::ZERO,
-            load: String::new(),
-            agent: None,
-        };
+        let mut round = Round::new(Some(backend.to_owned()));
         let t = Instant::now();
         self.flush()?;
         let data = tempfile::tempdir().context("temp data dir")?;
